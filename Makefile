@@ -1,0 +1,47 @@
+# kvmfleet: `make demo` shows it work on this machine, `make test` runs the whole suite.
+# Both install what they need; run them as root on a Debian machine with /dev/kvm.
+
+SHELL := /bin/bash
+PYTHON ?= /usr/bin/python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install deps lint typecheck test unit demo demo-stop bench clean
+
+# Debian packages the suite needs (servers, collectd, debootstrap, venv support)
+deps:
+	./scripts/install-deps
+
+$(STAMP): setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check plugins tests bench
+
+typecheck: install
+	$(BIN)/mypy
+
+unit: install
+	$(BIN)/pytest tests/unit -q $(PYTEST_ARGS)
+
+test: deps install lint typecheck
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+demo: install
+	./scripts/demo
+
+demo-stop:
+	./scripts/demo --stop
+
+bench: install
+	$(BIN)/python bench/read_cost.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

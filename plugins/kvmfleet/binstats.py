@@ -1,0 +1,178 @@
+"""The KVM binary statistics format (``KVM_GET_STATS_FD``, Linux 5.14+).
+
+Layout (include/uapi/linux/kvm.h, Documentation/virt/kvm/api.rst), native endian::
+
+    struct kvm_stats_header { u32 flags, name_size, num_desc, id_offset, desc_offset, data_offset; };
+    struct kvm_stats_desc   { u32 flags; s16 exponent; u16 size; u32 offset; u32 bucket_size;
+                              char name[name_size]; };
+
+Header, id and descriptors never change for an fd, so :func:`read_layout` parses them once and
+:meth:`StatsLayout.decode` turns each later ``pread`` of the data block into values. Descriptors of
+a type or unit this code does not know (a newer kernel) are skipped and listed in ``skipped``.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import struct
+from dataclasses import dataclass
+from typing import Callable
+
+from .model import StatDesc, Stats, StatType, StatUnit
+
+HEADER = struct.Struct("=6I")
+DESC_HEAD = struct.Struct("=IhHII")
+U64 = 8
+
+# Sanity bounds: the kernel's values are tiny (name_size 48, ~100 descriptors, a few KiB of data);
+# anything far larger is a corrupt or hostile file, and we refuse it rather than allocate for it.
+MAX_NAME_SIZE = 4096
+MAX_DESCS = 65536
+MAX_BLOCK = 16 << 20
+
+TYPE_MASK, UNIT_MASK, UNIT_SHIFT, BASE_MASK = 0xF, 0xF0, 4, 0xF00
+BASES = {0x000: 10, 0x100: 2}
+
+
+class StatsFormatError(ValueError):
+    """The bytes are not a KVM stats file this code can read."""
+
+
+@dataclass(frozen=True)
+class Header:
+    flags: int
+    name_size: int
+    num_desc: int
+    id_offset: int
+    desc_offset: int
+    data_offset: int
+
+
+def parse_header(raw: bytes) -> Header:
+    if len(raw) < HEADER.size:
+        raise StatsFormatError(f"stats header truncated: {len(raw)} of {HEADER.size} bytes")
+    header = Header(*HEADER.unpack_from(raw))
+    if not 0 < header.name_size <= MAX_NAME_SIZE:
+        raise StatsFormatError(f"stats header name_size {header.name_size} out of range")
+    if header.num_desc > MAX_DESCS:
+        raise StatsFormatError(f"stats header num_desc {header.num_desc} out of range")
+    for what in ("id_offset", "desc_offset", "data_offset"):
+        if getattr(header, what) > MAX_BLOCK:
+            raise StatsFormatError(f"stats header {what} {getattr(header, what)} out of range")
+    return header
+
+
+def _cstring(raw: bytes) -> str:
+    return raw.split(b"\0", 1)[0].decode("ascii", "replace")
+
+
+class StatsLayout:
+    """Everything about one stats fd except its values, plus a plan to decode the data block fast."""
+
+    def __init__(self, stat_id: str, placed: list[tuple[StatDesc, int]], data_offset: int,
+                 skipped: list[str]) -> None:
+        """``placed`` pairs each known descriptor with its byte offset in the data block."""
+        self.id = stat_id
+        self.data_offset = data_offset
+        self.skipped = skipped
+        self.descs = tuple(desc for desc, _ in placed)
+        self.data_size = max((off + desc.size * U64 for desc, off in placed), default=0)
+        nwords = self.data_size // U64
+        self._unpack = struct.Struct(f"={nwords}Q").unpack
+        scalars = [(desc.name, off // U64) for desc, off in placed if not desc.type.is_histogram]
+        self._scalar_names = tuple(name for name, _ in scalars)
+        indexes = [index for _, index in scalars]
+        self._pick: Callable[[tuple[int, ...]], tuple[int, ...]] | None
+        if indexes == list(range(nwords)):
+            self._pick = None  # the common case: the data block is exactly the scalars, in order
+        elif len(indexes) == 1:
+            only = indexes[0]
+            self._pick = lambda words: (words[only],)
+        elif indexes:
+            self._pick = operator.itemgetter(*indexes)
+        else:
+            self._pick = lambda words: ()
+        self._hists = tuple(
+            (desc.name, off // U64, off // U64 + desc.size) for desc, off in placed if desc.type.is_histogram
+        )
+
+    def decode(self, data: bytes) -> Stats:
+        if len(data) < self.data_size:
+            raise StatsFormatError(f"stats data truncated: {len(data)} of {self.data_size} bytes")
+        words = self._unpack(data if len(data) == self.data_size else data[: self.data_size])
+        scalars = words if self._pick is None else self._pick(words)
+        stats: Stats = dict(zip(self._scalar_names, scalars))
+        for name, start, stop in self._hists:
+            stats[name] = words[start:stop]
+        return stats
+
+    def read(self, fd: int) -> Stats:
+        """One ``pread`` of the data block. OSError propagates (the fd's VM may be gone)."""
+        return self.decode(os.pread(fd, self.data_size, self.data_offset))
+
+
+def _parse_desc(raw: bytes, pos: int, name_size: int, skipped: list[str]) -> tuple[StatDesc, int] | None:
+    flags, exponent, size, offset, bucket_size = DESC_HEAD.unpack_from(raw, pos)
+    name = _cstring(raw[pos + DESC_HEAD.size : pos + DESC_HEAD.size + name_size])
+    if not name:
+        skipped.append(f"descriptor at {pos}: empty name")
+        return None
+    try:
+        stat_type = StatType(flags & TYPE_MASK)
+        unit = StatUnit((flags & UNIT_MASK) >> UNIT_SHIFT)
+    except ValueError:
+        skipped.append(f"{name}: unknown type/unit in flags {flags:#x}")
+        return None
+    base = BASES.get(flags & BASE_MASK)
+    if base is None or flags & ~(TYPE_MASK | UNIT_MASK | BASE_MASK):
+        skipped.append(f"{name}: unknown base or flags {flags:#x}")
+        return None
+    if size == 0 or (not stat_type.is_histogram and size != 1):
+        skipped.append(f"{name}: size {size} does not fit type {stat_type.name}")
+        return None
+    if offset % U64 or offset + size * U64 > MAX_BLOCK:
+        skipped.append(f"{name}: offset {offset} out of range")
+        return None
+    desc = StatDesc(name, stat_type, unit, base, exponent, size, bucket_size)
+    return desc, offset
+
+
+def parse_layout(header: Header, id_raw: bytes, desc_raw: bytes) -> StatsLayout:
+    """Build a layout from the header, the id bytes and the descriptor block (pure: testable on bytes)."""
+    step = DESC_HEAD.size + header.name_size
+    if len(desc_raw) < step * header.num_desc:
+        raise StatsFormatError(
+            f"stats descriptors truncated: {len(desc_raw)} of {step * header.num_desc} bytes"
+        )
+    skipped: list[str] = []
+    placed: list[tuple[StatDesc, int]] = []
+    seen: set[str] = set()
+    for index in range(header.num_desc):
+        parsed = _parse_desc(desc_raw, index * step, header.name_size, skipped)
+        if parsed is None:
+            continue
+        if parsed[0].name in seen:
+            skipped.append(f"{parsed[0].name}: duplicate descriptor")
+            continue
+        seen.add(parsed[0].name)
+        placed.append(parsed)
+    return StatsLayout(_cstring(id_raw), placed, header.data_offset, skipped)
+
+
+def _pread_exact(fd: int, size: int, offset: int, what: str) -> bytes:
+    raw = os.pread(fd, size, offset)
+    if len(raw) < size:
+        raise StatsFormatError(f"stats {what} truncated: {len(raw)} of {size} bytes at {offset}")
+    return raw
+
+
+def read_layout(fd: int) -> StatsLayout:
+    """Parse header, id and descriptors of a stats fd: once per fd."""
+    header = parse_header(_pread_exact(fd, HEADER.size, 0, "header"))
+    id_raw = _pread_exact(fd, header.name_size, header.id_offset, "id")
+    desc_size = (DESC_HEAD.size + header.name_size) * header.num_desc
+    if desc_size > MAX_BLOCK:
+        raise StatsFormatError(f"stats descriptor block of {desc_size} bytes out of range")
+    desc_raw = _pread_exact(fd, desc_size, header.desc_offset, "descriptors")
+    return parse_layout(header, id_raw, desc_raw)

@@ -1,0 +1,133 @@
+"""``kvmfleet``: the operator's command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Sequence
+
+from . import __version__
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text}")
+    return value
+
+
+def _regex(text: str) -> re.Pattern[str]:
+    try:
+        return re.compile(text)
+    except re.error as err:
+        raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {err}") from err
+
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    from .collector import Collector, rates
+    from .sources import make_source
+    from .statview import sample_json, sample_text
+
+    source = make_source(args.source)
+    collector = Collector(source)
+    printed, prev = 0, None
+    try:
+        while True:
+            sample = collector.sample()
+            rate = rates(prev, sample) if prev is not None else None
+            sources = source.sources_used()
+            if args.json:
+                obj = sample_json(sample, rate, sources, vcpus=args.vcpu, pattern=args.fields)
+                print(json.dumps(obj, sort_keys=False), flush=True)
+            else:
+                print(sample_text(sample, rate, sources, per_vm=args.vm, vcpus=args.vcpu, pattern=args.fields))
+                print(flush=True)
+            printed += 1
+            if args.count and printed >= args.count:
+                return 0
+            prev = sample
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        collector.close()
+
+
+def cmd_facts(args: argparse.Namespace) -> int:
+    from .facts import format_text, gather
+    from .sources import make_source
+
+    facts = gather()
+    with make_source("auto") as source:
+        source.read()
+        facts.sources = {name: {"usable": state.usable, "reason": state.reason}
+                         for name, state in source.sources_used().items()}
+    if args.json:
+        print(json.dumps(facts.to_dict(), indent=2, sort_keys=True))
+    else:
+        print(format_text(facts))
+    return 0
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    from .selftest import run_selftest
+
+    result = run_selftest(loops=args.loops, vcpus=args.vcpus, timeout=args.timeout)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(result.text())
+    return 0 if result.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvmfleet", description="KVM statistics for hypervisor fleets.")
+    parser.add_argument("--version", action="version", version=f"kvmfleet {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what sources skip and why")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    stat = sub.add_parser("stat", help="KVM counters of this host, like kvm_stat",
+                          description="Totals and per-second rates of the KVM counters of this host.")
+    stat.add_argument("--vm", action="store_true", help="also per VM")
+    stat.add_argument("--vcpu", action="store_true", help="also per vCPU (implies --vm in text output)")
+    stat.add_argument("-f", "--fields", type=_regex, metavar="REGEX", help="only counters matching REGEX")
+    stat.add_argument("-i", "--interval", type=_positive_float, default=1.0, metavar="SECONDS",
+                      help="seconds between samples (default 1)")
+    stat.add_argument("-n", "--count", type=int, default=0, metavar="COUNT",
+                      help="stop after COUNT samples (default: run until interrupted); -n 1 prints the "
+                           "current totals at once")
+    stat.add_argument("--source", choices=("auto", "statsfd", "debugfs"), default="auto",
+                      help="where to read the counters (default auto: the best that works per VM)")
+    stat.add_argument("--json", action="store_true", help="one JSON object per sample")
+    stat.set_defaults(func=cmd_stat)
+
+    facts = sub.add_parser("facts", help="host facts: CPU, KVM module, EPT/NPT verdict, lockdown, sources")
+    facts.add_argument("--json", action="store_true")
+    facts.set_defaults(func=cmd_facts)
+
+    selftest = sub.add_parser("selftest", help="run a tiny real VM and check every usable source reads it exactly")
+    selftest.add_argument("--loops", type=int, default=1000, help="hlt instructions per vCPU (default 1000)")
+    selftest.add_argument("--vcpus", type=int, default=2, help="vCPUs of the test VM (default 2)")
+    selftest.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds to wait for the VM")
+    selftest.add_argument("--json", action="store_true")
+    selftest.set_defaults(func=cmd_selftest)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

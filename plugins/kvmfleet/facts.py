@@ -1,0 +1,648 @@
+"""Host facts that decide which KVM statistics can be read here and what they mean.
+
+:func:`gather` reads ``/proc`` and ``/sys`` (through a ``root`` prefix, so tests can point it at a fake
+tree) and returns a :class:`HostFacts`: CPU vendor and virtualization flags, the loaded KVM backend and
+its parameters, ``/dev/kvm``, kernel lockdown, debugfs, privileges, and the TDP verdict: do the VMs on
+this host run with two-dimensional paging (Intel EPT / AMD NPT) or on shadow paging? The verdict matters
+when reading counters: ``mmu_pte_write``, ``mmu_flooded``, ``mmu_unsync`` and ``invlpg`` only move under
+shadow paging (or for nested L2 guests), see KERNEL-NOTES.md "Counters that tell shadow paging from
+EPT/NPT".
+
+Nothing here raises on missing, unreadable or garbled files: a fact that cannot be read is recorded as
+``"unknown"`` (strings) or ``None`` (booleans and numbers; ``null`` in JSON), and ``why_unknown`` maps the
+fact's key to the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import stat
+import textwrap
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+UNKNOWN = "unknown"
+
+# TDP verdict states.
+TDP_ENABLED = "enabled"
+TDP_DISABLED = "disabled"
+TDP_UNSUPPORTED = "unsupported"
+TDP_UNKNOWN = "unknown"
+
+# KVM backends ("vendor modules") this module knows, in the order we prefer when several are loaded and
+# the CPU flags do not settle it. kvm_pvm is the PVM backend (pure software, shadow paging only).
+KNOWN_BACKENDS = ("kvm_intel", "kvm_amd", "kvm_pvm")
+
+# Bit 19 of the capability sets is CAP_SYS_PTRACE (include/uapi/linux/capability.h).
+CAP_SYS_PTRACE = 19
+
+# Anything bigger than this is not a /proc or /sys file we want; read no further.
+_MAX_READ = 16 * 1024 * 1024
+
+_TRUE_WORDS = frozenset({"y", "yes", "true", "on"})
+_FALSE_WORDS = frozenset({"n", "no", "false", "off"})
+
+
+class TdpVerdict(TypedDict):
+    """Do VMs on this host get EPT/NPT? ``state`` is one of enabled/disabled/unsupported/unknown."""
+
+    state: str
+    reason: str
+    backend: str | None  # the KVM module deemed in use (kvm_intel, kvm_amd, kvm_pvm, ...)
+    tdp_mmu: bool | None  # kvm.tdp_mmu: reported, does not decide the state
+    nested: bool | None  # <backend>.nested: L2 guests allowed (their page tables are always shadowed)
+    is_guest: bool  # cpuinfo has the ``hypervisor`` flag: this host is itself a VM
+
+
+@dataclass
+class HostFacts:
+    """Everything :func:`gather` found. ``to_dict()`` gives a JSON-ready dict with the same keys."""
+
+    root: str = "/"
+    # CPU (first processor block of /proc/cpuinfo).
+    cpu_vendor: str = UNKNOWN  # GenuineIntel, AuthenticAMD, HygonGenuine, ...
+    cpu_model: str = UNKNOWN
+    cpu_vmx: bool | None = None
+    cpu_svm: bool | None = None
+    cpu_hypervisor: bool | None = None  # this host is itself a guest
+    cpu_ept: bool | None = None  # ``ept`` in flags or in the ``vmx flags`` line
+    cpu_npt: bool | None = None  # ``npt`` in flags
+    cpu_vmx_flags: list[str] = field(default_factory=list)  # the ``vmx flags`` line (newer kernels)
+    # KVM modules.
+    kvm_loaded: bool | None = None  # /sys/module/kvm
+    kvm_modules: list[str] = field(default_factory=list)  # loaded kvm_* backends, excluding kvm itself
+    kvm_backend: str | None = None  # the one in use
+    module_params: dict[str, str] = field(default_factory=dict)  # raw: "kvm_intel.ept" -> "Y"
+    ept_param: bool | None = None  # kvm_intel.ept
+    npt_param: bool | None = None  # kvm_amd.npt
+    tdp_mmu: bool | None = None  # kvm.tdp_mmu
+    nested: bool | None = None  # <backend>.nested
+    # Device, kernel, security.
+    dev_kvm_present: bool = False
+    dev_kvm_accessible: bool | None = None  # read+write for the effective user
+    kernel_release: str = UNKNOWN
+    lockdown: str = UNKNOWN  # none / integrity / confidentiality / unknown
+    securityfs_mounted: bool | None = None
+    debugfs_mounted: bool | None = None  # at /sys/kernel/debug
+    is_root: bool | None = None  # effective uid 0
+    yama_present: bool | None = None
+    yama_ptrace_scope: int | None = None  # None when Yama is absent or unreadable
+    cap_eff: str | None = None  # CapEff from /proc/self/status, hex as the kernel prints it
+    cap_sys_ptrace: bool | None = None
+    # Verdict.
+    tdp: TdpVerdict = field(
+        default_factory=lambda: TdpVerdict(
+            state=TDP_UNKNOWN, reason="not evaluated", backend=None, tdp_mmu=None, nested=None, is_guest=False
+        )
+    )
+    # Which stats sources can work here and why not: filled in by the CLI (another module).
+    sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # fact key -> why it is unknown.
+    why_unknown: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading helpers: never raise, return (text, None) or (None, why).
+
+
+def _path(root: str, rel: str) -> str:
+    return os.path.join(root, rel.lstrip("/"))
+
+
+def _read(root: str, rel: str) -> tuple[str | None, str | None]:
+    """Read a small text file below ``root``. Binary junk is decoded with replacement characters."""
+    path = _path(root, rel)
+    try:
+        # O_NONBLOCK so that a FIFO planted where a file should be cannot hang us.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        return None, f"{rel} does not exist"
+    except IsADirectoryError:
+        return None, f"{rel} is a directory, not a file"
+    except PermissionError:
+        return None, f"{rel}: permission denied"
+    except OSError as exc:
+        return None, f"{rel}: {exc.strerror or exc}"
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            return None, f"{rel} is a directory, not a file"
+        if not stat.S_ISREG(st.st_mode):
+            return None, f"{rel} is not a regular file"
+        chunks: list[bytes] = []
+        total = 0
+        while total < _MAX_READ:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as exc:
+        return None, f"{rel}: {exc.strerror or exc}"
+    finally:
+        os.close(fd)
+    return b"".join(chunks).decode("utf-8", errors="replace").replace("\x00", ""), None
+
+
+def parse_bool(text: str | None) -> bool | None:
+    """Module parameter booleans: Y/N (bool params), 1/0 (int params, older kvm_amd), yes/no, true/false.
+
+    Any other integer counts as true if non-zero; anything else is None.
+    """
+    if text is None:
+        return None
+    word = text.strip().lower()
+    if not word:
+        return None
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    try:
+        return int(word, 0) != 0
+    except ValueError:
+        return None
+
+
+def _is_dir(root: str, rel: str) -> bool:
+    try:
+        return os.path.isdir(_path(root, rel))
+    except (OSError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------------
+# Individual facts.
+
+
+def parse_cpuinfo(text: str) -> dict[str, str]:
+    """The ``key: value`` pairs of the first processor block that has a ``flags`` line.
+
+    Falls back to the first block if none has flags. Lines without a colon are ignored.
+    """
+    blocks: list[dict[str, str]] = []
+    current: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            if current:
+                blocks.append(current)
+                current = {}
+            continue
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = key.strip()
+        if key and key not in current:
+            current[key] = value.strip()
+    if current:
+        blocks.append(current)
+    for block in blocks:
+        if "flags" in block:
+            return block
+    return blocks[0] if blocks else {}
+
+
+def _gather_cpu(facts: HostFacts, root: str) -> None:
+    text, why = _read(root, "proc/cpuinfo")
+    if text is None:
+        for key in ("cpu_vendor", "cpu_model", "cpu_flags"):
+            facts.why_unknown[key] = why or "unreadable"
+        return
+    info = parse_cpuinfo(text)
+    vendor = info.get("vendor_id", "")
+    if vendor:
+        facts.cpu_vendor = vendor
+    else:
+        facts.why_unknown["cpu_vendor"] = "no vendor_id line in proc/cpuinfo"
+    model = info.get("model name", "")
+    if model:
+        facts.cpu_model = model
+    else:
+        facts.why_unknown["cpu_model"] = "no 'model name' line in proc/cpuinfo"
+    if "flags" not in info:
+        facts.why_unknown["cpu_flags"] = "no flags line in proc/cpuinfo"
+        return
+    flags = set(info["flags"].split())
+    # "vmx flags" (since 5.9) lists VMX features such as ept, ept_ad, ept_x_only, ept_1gb, ept_5level,
+    # vpid, unrestricted_guest; the plain flags line may drop "ept" on these kernels.
+    vmx_flags = info.get("vmx flags", "").split()
+    facts.cpu_vmx_flags = vmx_flags
+    facts.cpu_vmx = "vmx" in flags
+    facts.cpu_svm = "svm" in flags
+    facts.cpu_hypervisor = "hypervisor" in flags
+    facts.cpu_ept = "ept" in flags or "ept" in vmx_flags
+    facts.cpu_npt = "npt" in flags
+
+
+def _module_live(root: str, name: str) -> bool:
+    """A /sys/module/<name> directory that is live (built-in modules have no initstate file)."""
+    if not _is_dir(root, f"sys/module/{name}"):
+        return False
+    state, _ = _read(root, f"sys/module/{name}/initstate")
+    return state is None or state.strip() in ("live", "")
+
+
+def _param(facts: HostFacts, root: str, module: str, param: str) -> bool | None:
+    """Read /sys/module/<module>/parameters/<param> as a boolean; record raw value or why not."""
+    key = f"{module}.{param}"
+    text, why = _read(root, f"sys/module/{module}/parameters/{param}")
+    if text is None:
+        facts.why_unknown[key] = why or "unreadable"
+        return None
+    raw = text.strip()
+    facts.module_params[key] = raw
+    value = parse_bool(raw)
+    if value is None:
+        facts.why_unknown[key] = f"cannot parse {raw[:40]!r} as a boolean"
+    return value
+
+
+def _gather_kvm(facts: HostFacts, root: str) -> None:
+    if _is_dir(root, "sys/module"):
+        facts.kvm_loaded = _module_live(root, "kvm")
+        try:
+            names = sorted(os.listdir(_path(root, "sys/module")))
+        except OSError as exc:
+            names = []
+            facts.why_unknown["kvm_modules"] = f"sys/module: {exc.strerror or exc}"
+        facts.kvm_modules = [n for n in names if n.startswith("kvm_") and _module_live(root, n)]
+    else:
+        facts.why_unknown["kvm_modules"] = "sys/module is missing (sysfs not mounted?)"
+
+    mods = facts.kvm_modules
+    backend: str | None = None
+    if len(mods) == 1:
+        backend = mods[0]
+    elif mods:
+        # Upstream x86 KVM takes one vendor module at a time, but be ready for several: prefer the one
+        # the CPU flags fit, then PVM (which needs neither vmx nor svm), then known ones, then any.
+        if facts.cpu_vmx and "kvm_intel" in mods:
+            backend = "kvm_intel"
+        elif facts.cpu_svm and "kvm_amd" in mods:
+            backend = "kvm_amd"
+        elif "kvm_pvm" in mods:
+            backend = "kvm_pvm"
+        else:
+            backend = next((m for m in KNOWN_BACKENDS if m in mods), mods[0])
+    facts.kvm_backend = backend
+
+    if facts.kvm_loaded:
+        facts.tdp_mmu = _param(facts, root, "kvm", "tdp_mmu")
+    if "kvm_intel" in mods:
+        facts.ept_param = _param(facts, root, "kvm_intel", "ept")
+    if "kvm_amd" in mods:
+        facts.npt_param = _param(facts, root, "kvm_amd", "npt")
+    if backend is not None:
+        if os.path.exists(_path(root, f"sys/module/{backend}/parameters/nested")):
+            facts.nested = _param(facts, root, backend, "nested")
+        else:
+            facts.why_unknown["nested"] = f"{backend} has no 'nested' parameter"
+
+
+def _gather_dev_kvm(facts: HostFacts, root: str) -> None:
+    path = _path(root, "dev/kvm")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        facts.dev_kvm_present = False
+        facts.dev_kvm_accessible = False
+        return
+    except OSError as exc:
+        facts.why_unknown["dev_kvm"] = f"dev/kvm: {exc.strerror or exc}"
+        return
+    facts.dev_kvm_present = True
+    if root in ("/", "") and not stat.S_ISCHR(st.st_mode):
+        facts.why_unknown["dev_kvm_accessible"] = "dev/kvm is not a character device"
+        facts.dev_kvm_accessible = False
+        return
+    mode = os.R_OK | os.W_OK
+    try:
+        if os.access in os.supports_effective_ids:
+            facts.dev_kvm_accessible = os.access(path, mode, effective_ids=True)
+        else:
+            facts.dev_kvm_accessible = os.access(path, mode)
+    except OSError as exc:
+        facts.why_unknown["dev_kvm_accessible"] = f"dev/kvm: {exc.strerror or exc}"
+
+
+def _unescape_mount(field_: str) -> str:
+    # /proc/mounts escapes space, tab, newline and backslash as \ooo.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_)
+
+
+def _gather_mounts(facts: HostFacts, root: str) -> None:
+    text, why = _read(root, "proc/mounts")
+    if text is None:
+        facts.why_unknown["debugfs_mounted"] = why or "unreadable"
+        facts.why_unknown["securityfs_mounted"] = why or "unreadable"
+        return
+    mounts: set[tuple[str, str]] = set()
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 3:
+            mounts.add((_unescape_mount(parts[1]), parts[2]))
+    facts.debugfs_mounted = ("/sys/kernel/debug", "debugfs") in mounts
+    facts.securityfs_mounted = ("/sys/kernel/security", "securityfs") in mounts
+
+
+def _gather_lockdown(facts: HostFacts, root: str) -> None:
+    text, why = _read(root, "sys/kernel/security/lockdown")
+    if text is not None:
+        # "none [integrity] confidentiality": the bracketed word is the current mode.
+        m = re.search(r"\[([A-Za-z_-]+)\]", text)
+        if m:
+            facts.lockdown = m.group(1)
+        else:
+            facts.why_unknown["lockdown"] = (
+                f"no bracketed mode in sys/kernel/security/lockdown: {text.strip()[:60]!r}"
+            )
+        return
+    securityfs = facts.securityfs_mounted
+    if securityfs is None:
+        # /proc/mounts unreadable: guess from the directory (an unmounted securityfs leaves it empty).
+        try:
+            securityfs = bool(os.listdir(_path(root, "sys/kernel/security")))
+        except OSError:
+            securityfs = False
+    if not securityfs:
+        facts.why_unknown["lockdown"] = (
+            "securityfs is not mounted at /sys/kernel/security "
+            "(mount -t securityfs none /sys/kernel/security), so the lockdown mode cannot be read"
+        )
+    elif why and "does not exist" in why:
+        facts.why_unknown["lockdown"] = (
+            "securityfs is mounted but has no lockdown file: the lockdown LSM is not built in or not "
+            "enabled (probably no lockdown)"
+        )
+    else:
+        facts.why_unknown["lockdown"] = why or "unreadable"
+
+
+def _gather_kernel(facts: HostFacts, root: str) -> None:
+    text, why = _read(root, "proc/sys/kernel/osrelease")
+    release = text.strip() if text is not None else ""
+    if release and release.isprintable():
+        facts.kernel_release = release
+    else:
+        facts.why_unknown["kernel_release"] = why or f"garbled proc/sys/kernel/osrelease: {release[:40]!r}"
+
+
+def _gather_yama(facts: HostFacts, root: str) -> None:
+    text, why = _read(root, "proc/sys/kernel/yama/ptrace_scope")
+    if text is None:
+        if why and "does not exist" in why and _is_dir(root, "proc/sys/kernel"):
+            facts.yama_present = False  # no Yama LSM: classic ptrace rules apply
+        else:
+            facts.why_unknown["yama_ptrace_scope"] = why or "unreadable"
+        return
+    facts.yama_present = True
+    try:
+        facts.yama_ptrace_scope = int(text.strip())
+    except ValueError:
+        facts.why_unknown["yama_ptrace_scope"] = f"cannot parse {text.strip()[:40]!r}"
+
+
+def _gather_status(facts: HostFacts, root: str) -> None:
+    text, why = _read(root, "proc/self/status")
+    fields: dict[str, str] = {}
+    if text is not None:
+        for line in text.splitlines():
+            key, sep, val = line.partition(":")
+            if sep:
+                fields.setdefault(key.strip(), val.strip())
+    # Uid: real effective saved fs.
+    uids = fields.get("Uid", "").split()
+    if len(uids) >= 2 and uids[1].isdigit():
+        facts.is_root = int(uids[1]) == 0
+    elif root in ("/", "") and hasattr(os, "geteuid"):
+        facts.is_root = os.geteuid() == 0
+    else:
+        facts.why_unknown["is_root"] = why or "no Uid line in proc/self/status"
+    cap = fields.get("CapEff", "")
+    try:
+        value = int(cap, 16)
+    except ValueError:
+        facts.why_unknown["cap_sys_ptrace"] = why or f"cannot parse CapEff {cap[:40]!r} in proc/self/status"
+        return
+    facts.cap_eff = cap
+    facts.cap_sys_ptrace = bool(value >> CAP_SYS_PTRACE & 1)
+
+
+# --------------------------------------------------------------------------------------------------
+# The TDP verdict.
+
+
+def _yn(value: bool | None) -> str:
+    return UNKNOWN if value is None else ("Y" if value else "N")
+
+
+def tdp_verdict(facts: HostFacts) -> TdpVerdict:
+    """Decide whether VMs on this host use EPT/NPT, from the facts already gathered.
+
+    The backend module's parameter is the configuration truth. kvm.tdp_mmu only chooses which MMU code
+    manages the EPT/NPT tables (the TDP MMU or the legacy one); it does not decide whether TDP is used:
+    tdp_mmu=N with ept=Y still means EPT, through the legacy MMU.
+    """
+    is_guest = bool(facts.cpu_hypervisor)
+    state, reason = _decide(facts, is_guest)
+    extras: list[str] = []
+    if facts.kvm_backend is not None:
+        if len(facts.kvm_modules) > 1:
+            extras.append(
+                f"several KVM backends loaded ({', '.join(facts.kvm_modules)}); judged by {facts.kvm_backend}"
+            )
+        if not facts.dev_kvm_present:
+            # /sys/module is global, /dev is per mount namespace: a container without the device node
+            # still sees the host's modules, so the module parameters keep deciding. Say so, though.
+            extras.append("/dev/kvm is absent here, so no VM can be created from this mount namespace")
+        if facts.tdp_mmu is not None:
+            extras.append(f"kvm.tdp_mmu={_yn(facts.tdp_mmu)}")
+        if facts.nested:
+            extras.append("nested guests allowed: their (L2) page tables are shadowed even with TDP")
+    return TdpVerdict(
+        state=state,
+        reason="; ".join([reason, *extras]),
+        backend=facts.kvm_backend,
+        tdp_mmu=facts.tdp_mmu,
+        nested=facts.nested,
+        is_guest=is_guest,
+    )
+
+
+def _decide(facts: HostFacts, is_guest: bool) -> tuple[str, str]:
+    backend = facts.kvm_backend
+    guest_note = (
+        "this host is itself a guest (cpuinfo 'hypervisor' flag): what it offers comes from the parent "
+        "hypervisor"
+        if is_guest
+        else ""
+    )
+
+    if backend is None:
+        # No backend module: there is no configuration to judge.
+        if facts.kvm_loaded:
+            why = "kvm is loaded but no backend module (kvm_intel, kvm_amd, kvm_pvm, ...)"
+        elif "kvm_modules" in facts.why_unknown:
+            why = f"cannot list KVM modules ({facts.why_unknown['kvm_modules']})"
+        else:
+            why = "no KVM module loaded"
+        why += ", /dev/kvm present" if facts.dev_kvm_present else " and no /dev/kvm"
+        return TDP_UNKNOWN, _join(why, guest_note)
+
+    if backend == "kvm_intel":
+        # kvm_intel clears its "ept" parameter during hardware setup when the CPU (or the parent
+        # hypervisor) lacks EPT, so ept=Y can only mean EPT is in use, whatever cpuinfo says.
+        # ept=N is then either the admin's choice (CPU has EPT: misconfiguration) or forced by the CPU.
+        return _param_verdict(facts.ept_param, facts.cpu_ept, "kvm_intel.ept", "EPT", "ept", guest_note)
+    if backend == "kvm_amd":
+        # Same for kvm_amd: svm_hardware_setup() turns npt off when the CPU lacks NPT.
+        return _param_verdict(facts.npt_param, facts.cpu_npt, "kvm_amd.npt", "NPT", "npt", guest_note)
+
+    # kvm_pvm, or any other backend without an EPT/NPT parameter. PVM runs guests through a software
+    # switcher without vmx/svm, so KVM shadows every guest page table. An unknown backend exposes no
+    # parameter that could say otherwise, so it is judged the same way (and the reason says it is a guess).
+    if backend == "kvm_pvm":
+        reason = "KVM backend kvm_pvm (PVM) has no EPT/NPT: every VM runs on shadow paging"
+    else:
+        reason = (
+            f"KVM backend {backend} has no EPT/NPT parameter kvmfleet knows: assuming every VM runs on "
+            "shadow paging"
+        )
+    if facts.cpu_vmx is False and facts.cpu_svm is False:
+        reason += "; the CPU offers neither vmx nor svm"
+    return TDP_UNSUPPORTED, _join(reason, guest_note)
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+def _param_verdict(
+    param: bool | None, cpu_has: bool | None, param_name: str, label: str, flag: str, guest_note: str
+) -> tuple[str, str]:
+    if param is None:
+        return TDP_UNKNOWN, _join(
+            f"{param_name} is unreadable: cannot tell whether VMs use {label}", guest_note
+        )
+    if param:
+        reason = f"{param_name}=Y: VMs use {label}"
+        if cpu_has is False:
+            reason += (
+                f" (cpuinfo does not list '{flag}', but KVM keeps {param_name}=Y only when the CPU "
+                "supports it)"
+            )
+        if guest_note:
+            reason += f"; {guest_note}, which provides {label} (nested {label})"
+        return TDP_ENABLED, reason
+    if cpu_has:
+        return TDP_DISABLED, _join(
+            f"CPU offers {label} but {param_name}=N: misconfiguration, every VM runs on shadow paging",
+            guest_note,
+        )
+    if cpu_has is False:
+        return TDP_UNSUPPORTED, _join(
+            f"{param_name}=N and the CPU does not offer {label}: every VM runs on shadow paging "
+            "(a hardware or placement matter)",
+            guest_note,
+        )
+    # Shadow paging for sure; whether by choice or by necessity cannot be told without cpuinfo.
+    return TDP_DISABLED, _join(
+        f"{param_name}=N: every VM runs on shadow paging; cpuinfo unreadable, so whether the CPU offers "
+        f"{label} is unknown",
+        guest_note,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points.
+
+
+def gather(root: str = "/") -> HostFacts:
+    """Read the host facts below ``root`` (default "/"). Never raises on bad or missing files."""
+    facts = HostFacts(root=root)
+    steps = (
+        ("cpu", _gather_cpu),
+        ("kvm_modules", _gather_kvm),
+        ("dev_kvm", _gather_dev_kvm),
+        ("kernel_release", _gather_kernel),
+        ("mounts", _gather_mounts),
+        ("lockdown", _gather_lockdown),
+        ("yama_ptrace_scope", _gather_yama),
+        ("status", _gather_status),
+    )
+    for name, step in steps:
+        try:
+            step(facts, root)
+        except Exception as exc:  # a bug or a very odd tree must not cost the other facts
+            facts.why_unknown.setdefault(name, f"internal error: {type(exc).__name__}: {exc}")
+    try:
+        facts.tdp = tdp_verdict(facts)
+    except Exception as exc:
+        facts.tdp["reason"] = f"internal error: {type(exc).__name__}: {exc}"
+        facts.tdp["is_guest"] = bool(facts.cpu_hypervisor)
+    return facts
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return UNKNOWN
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value) if value else "-"
+    return str(value)
+
+
+def format_text(facts: HostFacts) -> str:
+    """Aligned ``key: value`` lines for humans, TDP verdict first."""
+    tdp = facts.tdp
+    rows: list[tuple[str, str]] = [
+        ("TDP (EPT/NPT)", tdp["state"].upper()),
+        ("TDP reason", tdp["reason"]),
+        ("kvm backend", _show(facts.kvm_backend) if facts.kvm_backend else "none"),
+        ("kvm modules", _show(facts.kvm_modules)),
+        ("kvm.tdp_mmu", _show(facts.tdp_mmu)),
+        ("kvm_intel.ept", _show(facts.ept_param)),
+        ("kvm_amd.npt", _show(facts.npt_param)),
+        ("nested", _show(facts.nested)),
+        ("is guest", _show(tdp["is_guest"])),
+        ("", ""),
+        ("cpu vendor", facts.cpu_vendor),
+        ("cpu model", facts.cpu_model),
+        ("cpu vmx/svm", f"vmx={_show(facts.cpu_vmx)} svm={_show(facts.cpu_svm)}"),
+        ("cpu ept/npt", f"ept={_show(facts.cpu_ept)} npt={_show(facts.cpu_npt)}"),
+        ("cpu hypervisor", _show(facts.cpu_hypervisor)),
+        ("vmx flags", _show(facts.cpu_vmx_flags)),
+        ("/dev/kvm", f"present={_show(facts.dev_kvm_present)} accessible={_show(facts.dev_kvm_accessible)}"),
+        ("kernel", facts.kernel_release),
+        ("lockdown", facts.lockdown),
+        ("securityfs mounted", _show(facts.securityfs_mounted)),
+        ("debugfs mounted", _show(facts.debugfs_mounted)),
+        ("root", _show(facts.is_root)),
+        ("CAP_SYS_PTRACE", _show(facts.cap_sys_ptrace)),
+        (
+            "yama ptrace_scope",
+            "no Yama" if facts.yama_present is False else _show(facts.yama_ptrace_scope),
+        ),
+    ]
+    for name, info in sorted(facts.sources.items()):
+        rows.append((f"source {name}", ", ".join(f"{k}={_show(v)}" for k, v in info.items()) or "-"))
+    for key, why in sorted(facts.why_unknown.items()):
+        rows.append((f"unknown {key}", why))
+
+    width = max(len(k) for k, _ in rows) + 2
+    lines: list[str] = []
+    for key, value in rows:
+        if not key:
+            lines.append("")
+            continue
+        head = f"{key + ':':<{width}}"
+        wrapped = textwrap.wrap(value, width=max(40, 100 - width)) or [""]
+        lines.append(head + wrapped[0])
+        lines.extend(" " * width + more for more in wrapped[1:])
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,26 @@
+"""Say a thing once: kernel files and fds fail the same way every sample, operators want one line."""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger("kvmfleet")
+
+
+class SayOnce:
+    """Log each distinct (key, message) once; say again only when the message for a key changes."""
+
+    def __init__(self, logger: logging.Logger = log) -> None:
+        self._logger = logger
+        self._said: dict[str, str] = {}
+
+    def __call__(self, key: str, message: str, level: int = logging.WARNING) -> bool:
+        if self._said.get(key) == message:
+            return False
+        self._said[key] = message
+        self._logger.log(level, "%s", message)
+        return True
+
+    def forget(self, key: str) -> None:
+        """The condition behind ``key`` is over: say it again if it comes back."""
+        self._said.pop(key, None)

@@ -1,0 +1,148 @@
+"""The data model shared by every source, the collector and the sinks.
+
+A *source* reads the VMs it can see and returns one :class:`VMReading` per VM. The collector merges
+readings, keeps host totals that never go backwards, and derives rates. Values are the kernel's raw
+integers (``value = raw * base ** exponent`` in the unit of the descriptor); histograms are tuples of
+bucket counts.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Union
+
+# One scalar counter or a histogram (bucket counts, lowest bucket first).
+Value = Union[int, tuple[int, ...]]
+Stats = dict[str, Value]
+
+
+class StatType(enum.IntEnum):
+    """KVM_STATS_TYPE_* (include/uapi/linux/kvm.h), bits 0-3 of the descriptor flags."""
+
+    CUMULATIVE = 0
+    INSTANT = 1
+    PEAK = 2
+    LINEAR_HIST = 3
+    LOG_HIST = 4
+
+    @property
+    def is_histogram(self) -> bool:
+        return self in (StatType.LINEAR_HIST, StatType.LOG_HIST)
+
+    @property
+    def is_cumulative(self) -> bool:
+        """Counters that only grow while the VM lives (histogram buckets do too)."""
+        return self in (StatType.CUMULATIVE, StatType.LINEAR_HIST, StatType.LOG_HIST)
+
+
+class StatUnit(enum.IntEnum):
+    """KVM_STATS_UNIT_* >> 4, bits 4-7 of the descriptor flags."""
+
+    NONE = 0
+    BYTES = 1
+    SECONDS = 2
+    CYCLES = 3
+    BOOLEAN = 4
+
+
+@dataclass(frozen=True)
+class StatDesc:
+    """What one statistic is: the binary stats descriptor minus its offset.
+
+    Sources that do not know types (debugfs) fill in what the kernel's naming and file modes tell
+    (see :func:`kvmfleet.statnames.guess_desc`).
+    """
+
+    name: str
+    type: StatType = StatType.CUMULATIVE
+    unit: StatUnit = StatUnit.NONE
+    base: int = 10  # 10 or 2
+    exponent: int = 0
+    size: int = 1  # number of u64 values: 1 for scalars, buckets for histograms
+    bucket_size: int = 0  # linear histograms only
+
+    @property
+    def scale(self) -> float:
+        """Multiply a raw value by this to get the value in ``unit`` (e.g. ns -> s is 1e-9)."""
+        return float(self.base) ** self.exponent
+
+    @property
+    def unit_name(self) -> str:
+        if self.unit is StatUnit.NONE:
+            return ""
+        prefix = {(10, -9): "n", (10, -6): "u", (10, -3): "m", (10, 0): "", (2, 10): "Ki", (2, 20): "Mi"}
+        return prefix.get((self.base, self.exponent), f"{self.base}^{self.exponent} ") + {
+            StatUnit.BYTES: "B",
+            StatUnit.SECONDS: "s",
+            StatUnit.CYCLES: "cycles",
+            StatUnit.BOOLEAN: "bool",
+        }[self.unit]
+
+
+@dataclass(frozen=True)
+class VMKey:
+    """What makes a VM one series: the VMM process (pid + start time) and the VM fd in it.
+
+    A VM restarted by its manager gets a new pid or start time and so a new key. ``vm_fd`` is the
+    number of the ``anon_inode:kvm-vm`` fd in the VMM (the ``<fd>`` of debugfs's ``<pid>-<fd>``), or
+    -1 where a source cannot tell (a VMM that closed its VM fd but keeps stats fds).
+    """
+
+    pid: int
+    start_time: int  # /proc/<pid>/stat field 22, clock ticks since boot
+    vm_fd: int = -1
+
+
+@dataclass(frozen=True)
+class VMIdentity:
+    key: VMKey
+    vmm: str  # "qemu", "firecracker", "cloud-hypervisor", "kvmfleet-guestvmm", or the process comm
+    name: str  # from the VMM command line, else "<comm>-<pid>"
+    uuid: str | None = None
+
+
+@dataclass
+class VMReading:
+    """What one source read of one VM in one sample.
+
+    ``vm_stats`` are the VM-level stats (VM stats fd, or a debugfs ``<pid>-<fd>/`` directory, which
+    already holds the vCPU stats summed: then ``vm_stats_include_vcpus`` is true). ``vcpus`` maps a
+    vCPU id to its own stats where the source sees vCPUs one by one.
+    """
+
+    identity: VMIdentity
+    source: str
+    vm_stats: Stats = field(default_factory=dict)
+    vcpus: dict[int, Stats] = field(default_factory=dict)
+    descs: dict[str, StatDesc] = field(default_factory=dict)
+    vm_stats_include_vcpus: bool = False
+
+
+@dataclass(frozen=True)
+class Usability:
+    """Whether a source can read on this host, and if not, why, in words an operator can act on."""
+
+    usable: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.usable
+
+
+def combine_stats(parts: list[Stats], descs: dict[str, StatDesc]) -> Stats:
+    """Stats of several vCPUs (or VMs) as one: counters, instant values and histogram buckets add
+    up; peak values take the maximum (the peak of a whole is the largest peak of its parts)."""
+    total: Stats = {}
+    for stats in parts:
+        for name, value in stats.items():
+            prev = total.get(name)
+            if prev is None:
+                total[name] = value
+            elif isinstance(value, int) and isinstance(prev, int):
+                desc = descs.get(name)
+                peak = desc is not None and desc.type is StatType.PEAK
+                total[name] = max(prev, value) if peak else prev + value
+            elif isinstance(value, tuple) and isinstance(prev, tuple) and len(value) == len(prev):
+                total[name] = tuple(a + b for a, b in zip(prev, value))
+    return total

@@ -1,0 +1,122 @@
+"""Reading other processes through /proc, and borrowing their fds with pidfds.
+
+Every function takes the pid of a process that may exit at any moment: they return None or an
+empty result when it has, and let other OSErrors (EACCES, ...) reach the caller, which decides
+whether they matter.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+from dataclasses import dataclass
+
+SYS_PIDFD_GETFD = 438  # x86_64 and the generic table alike
+_GONE = (errno.ENOENT, errno.ESRCH)
+
+# readlink(/proc/<pid>/fd/<n>) of the fds a VMM holds (virt/kvm/kvm_main.c names them)
+_KVM_LINK = re.compile(r"anon_inode:kvm-(vm|vm-stats|vcpu|vcpu-stats)(?::(\d+))?$")
+
+
+def pids(proc: str = "/proc") -> list[int]:
+    return [int(name) for name in os.listdir(proc) if name.isdigit()]
+
+
+def start_time(pid: int, proc: str = "/proc") -> int | None:
+    """Field 22 of /proc/<pid>/stat (clock ticks after boot): with the pid, names one process for good."""
+    try:
+        with open(f"{proc}/{pid}/stat", "rb") as stat:
+            raw = stat.read()
+    except OSError as err:
+        if err.errno in _GONE:
+            return None
+        raise
+    # comm (field 2) may hold spaces and parentheses: fields after it start past the last ')'
+    rest = raw[raw.rfind(b")") + 2 :].split()
+    try:
+        return int(rest[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def cmdline(pid: int, proc: str = "/proc") -> list[str]:
+    try:
+        with open(f"{proc}/{pid}/cmdline", "rb") as handle:
+            raw = handle.read()
+    except OSError as err:
+        if err.errno in _GONE:
+            return []
+        raise
+    return [arg.decode("utf-8", "replace") for arg in raw.split(b"\0")[:-1]] if raw else []
+
+
+def comm(pid: int, proc: str = "/proc") -> str:
+    try:
+        with open(f"{proc}/{pid}/comm", "rb") as handle:
+            return handle.read().decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+@dataclass(frozen=True)
+class KvmFd:
+    """One KVM fd held by a process: ``kind`` is vm, vm-stats, vcpu or vcpu-stats; ``index`` the vCPU id."""
+
+    fd: int
+    kind: str
+    index: int = -1
+
+
+def kvm_fds(pid: int, proc: str = "/proc") -> list[KvmFd]:
+    """The KVM anon-inode fds a process holds, in fd order. Empty if it has exited."""
+    fd_dir = f"{proc}/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError as err:
+        if err.errno in _GONE:
+            return []
+        raise
+    found = []
+    for name in names:
+        try:
+            link = os.readlink(f"{fd_dir}/{name}")
+        except OSError:
+            continue  # closed between listdir and readlink
+        match = _KVM_LINK.match(link)
+        if match:
+            found.append(KvmFd(int(name), match.group(1), int(match.group(2) or -1)))
+    found.sort(key=lambda kfd: kfd.fd)
+    return found
+
+
+_libc: ctypes.CDLL | None = None
+
+
+def pidfd_getfd(pidfd: int, target_fd: int) -> int:
+    """Duplicate fd ``target_fd`` of the process behind ``pidfd`` (Linux 5.6; needs ptrace rights)."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fd = int(_libc.syscall(SYS_PIDFD_GETFD, pidfd, target_fd, 0))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"pidfd_getfd(fd {target_fd}): {os.strerror(err)}")
+    return fd
+
+
+def pidfd_open(pid: int) -> int:
+    return os.pidfd_open(pid)
+
+
+def borrowed_fd_count(proc: str = "/proc") -> int:
+    """How many KVM stats fds and pidfds this process holds: what a statsfd source has borrowed."""
+    count = 0
+    for name in os.listdir(f"{proc}/self/fd"):
+        try:
+            link = os.readlink(f"{proc}/self/fd/{name}")
+        except OSError:
+            continue  # the fd of the listdir itself
+        count += link.startswith("anon_inode:kvm-") or link == "anon_inode:[pidfd]"
+    return count

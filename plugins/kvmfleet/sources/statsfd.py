@@ -1,0 +1,312 @@
+"""KVM binary stats fds held by the VMMs, borrowed with ``pidfd_open`` + ``pidfd_getfd``.
+
+Only the process that owns a VM may call ``KVM_GET_STATS_FD`` on it (KVM answers EIO to anyone
+else), so this source never tries: it duplicates the stats fds the VMM already holds
+(``anon_inode:kvm-vm-stats``, ``anon_inode:kvm-vcpu-stats:N``; QEMU >= 8.1 keeps one per vCPU).
+Each duplicated fd's header, id and descriptors are parsed once; a sample is one ``pread`` per fd.
+
+A borrowed fd keeps its VM alive, so each VMM is watched through its pidfd: all pidfds are polled
+once per sample and a VMM's fds are closed in the first sample after it exits.
+
+Discovery walks ``/proc/<pid>/fd``: new processes at once, young ones (younger than
+``young_s``) every sample, since a VMM creates its VM just after it starts, and everything else
+every ``rescan_s`` seconds. Callers may name pids to scan now (:meth:`StatsfdSource.hint`).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import time
+from collections.abc import Container
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .. import procfs
+from ..binstats import StatsFormatError, StatsLayout, read_layout
+from ..identity import parse_identity
+from ..logsay import SayOnce
+from ..model import StatDesc, Usability, VMIdentity, VMKey, VMReading
+from .base import Source
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _uptime_ticks() -> int:
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * CLK_TCK)
+
+
+@dataclass
+class _Borrowed:
+    """One stats fd duplicated from a VMM."""
+
+    fd: int  # ours
+    target_fd: int  # the VMM's
+    inode: int
+    vm_fd: int
+    vcpu: int  # -1 for the VM-level stats fd
+    layout: StatsLayout
+
+
+@dataclass
+class _Vmm:
+    pid: int
+    start_time: int
+    pidfd: int
+    vmm: str
+    name: str
+    uuid: str | None
+    vm_fds: list[int] = field(default_factory=list)
+    borrowed: dict[int, _Borrowed] = field(default_factory=dict)  # by the VMM's fd number
+    scanned_at: float = 0.0
+
+    def identity(self, vm_fd: int, index: int) -> VMIdentity:
+        # a process with several VMs (rare: test harnesses) names them NAME, NAME#2, ...
+        name = self.name if index == 0 else f"{self.name}#{index + 1}"
+        return VMIdentity(VMKey(self.pid, self.start_time, vm_fd), self.vmm, name, self.uuid)
+
+
+def _group_by_vm(kvm_fds: list[procfs.KvmFd]) -> tuple[list[int], dict[int, int]]:
+    """(vm fds, stats fd -> vm fd). A stats fd belongs to the nearest VM fd below it: VMMs create
+    the VM, then its vCPUs and their stats fds. Exact for one VM per process (every real VMM)."""
+    vm_fds = [kfd.fd for kfd in kvm_fds if kfd.kind == "vm"]
+    owner: dict[int, int] = {}
+    current = vm_fds[0] if vm_fds else -1
+    for kfd in kvm_fds:
+        if kfd.kind == "vm":
+            current = kfd.fd
+        elif kfd.kind in ("vm-stats", "vcpu-stats"):
+            owner[kfd.fd] = current
+    return vm_fds, owner
+
+
+class StatsfdSource(Source):
+    name = "statsfd"
+
+    def __init__(self, proc: str = "/proc", rescan_s: float = 30.0, young_s: float = 60.0,
+                 say: SayOnce | None = None, clock: Callable[[], float] = time.monotonic,
+                 only_pids: Container[int] | None = None) -> None:
+        """``only_pids`` restricts discovery to those processes (one VMM, or a test's own guests)."""
+        self.proc = proc
+        self.only_pids = only_pids
+        self.rescan_s = rescan_s
+        self.young_ticks = int(young_s * CLK_TCK)
+        self.say = say or SayOnce()
+        self._clock = clock
+        self._vmms: dict[int, _Vmm] = {}
+        self._others: dict[int, tuple[int, float]] = {}  # pid -> (start time, last scan) of non-VMMs
+        self._hinted: set[int] = set()
+        self._denied: str = ""  # why borrowing failed, if it did
+        self._self_pid = os.getpid()
+        self._usability = self._probe()
+
+    # -- state -------------------------------------------------------------------------------
+    def _probe(self) -> Usability:
+        if not hasattr(os, "pidfd_open"):
+            return Usability(False, "Python lacks os.pidfd_open (needs 3.9 on Linux 5.3+)")
+        if os.geteuid() != 0:
+            return Usability(False, "not root: borrowing a VMM's fds needs root with CAP_SYS_PTRACE")
+        return Usability(True, "not read yet")
+
+    def usability(self) -> Usability:
+        return self._usability
+
+    def held_fds(self) -> int:
+        """How many fds this source holds right now (borrowed stats fds plus pidfds)."""
+        return sum(len(vmm.borrowed) + 1 for vmm in self._vmms.values())
+
+    def hint(self, pids: set[int]) -> None:
+        """Scan these pids at the next read (e.g. named by debugfs as holding VMs)."""
+        self._hinted |= pids
+
+    # -- discovery ---------------------------------------------------------------------------
+    def _due(self, pid: int, now: float, uptime: int) -> bool:
+        if pid in self._hinted:
+            return True
+        seen = self._others.get(pid)
+        if seen is None:
+            return True
+        started, scanned = seen
+        return uptime - started < self.young_ticks or now - scanned >= self.rescan_s
+
+    def _discover(self, now: float) -> None:
+        try:
+            live = procfs.pids(self.proc)
+        except OSError as err:
+            self.say("statsfd-proc", f"kvmfleet: cannot list {self.proc}: {err}")
+            return
+        live_set = set(live)
+        for pid in [pid for pid in self._others if pid not in live_set]:
+            del self._others[pid]
+        uptime = _uptime_ticks()
+        for pid in live:
+            if pid == self._self_pid or (self.only_pids is not None and pid not in self.only_pids):
+                continue
+            vmm = self._vmms.get(pid)
+            if vmm is not None:
+                if now - vmm.scanned_at >= self.rescan_s or pid in self._hinted:
+                    self._scan_fds(vmm, now)  # vCPU hotplug, or fds the VMM closed
+                continue
+            if self._due(pid, now, uptime):
+                self._scan_new(pid, now)
+        self._hinted.clear()
+
+    def _scan_new(self, pid: int, now: float) -> None:
+        started = procfs.start_time(pid, self.proc)
+        if started is None:
+            return
+        try:
+            kvm_fds = procfs.kvm_fds(pid, self.proc)
+        except OSError as err:
+            if err.errno == errno.EACCES:
+                self._denied = f"cannot read /proc/{pid}/fd: not root?"
+            self._others[pid] = (started, now)
+            return
+        if not any(kfd.kind in ("vm", "vm-stats", "vcpu-stats") for kfd in kvm_fds):
+            self._others[pid] = (started, now)
+            return
+        try:
+            pidfd = procfs.pidfd_open(pid)
+        except OSError:
+            return  # exited just now
+        if procfs.start_time(pid, self.proc) != started:
+            os.close(pidfd)  # the pid was reused between the scan and pidfd_open
+            return
+        kind, name, uuid = parse_identity(procfs.cmdline(pid, self.proc), procfs.comm(pid, self.proc), pid)
+        vmm = _Vmm(pid, started, pidfd, kind, name, uuid)
+        self._vmms[pid] = vmm
+        self._others.pop(pid, None)
+        self._borrow(vmm, kvm_fds, now)
+
+    def _scan_fds(self, vmm: _Vmm, now: float) -> None:
+        try:
+            kvm_fds = procfs.kvm_fds(vmm.pid, self.proc)
+        except OSError:
+            return
+        self._borrow(vmm, kvm_fds, now)
+
+    def _borrow(self, vmm: _Vmm, kvm_fds: list[procfs.KvmFd], now: float) -> None:
+        vmm.scanned_at = now
+        vmm.vm_fds, owner = _group_by_vm(kvm_fds)
+        present = {kfd.fd: kfd for kfd in kvm_fds if kfd.fd in owner}
+        # drop what the VMM closed (vCPU unplug) or replaced by another file under the same number
+        for target, held in list(vmm.borrowed.items()):
+            kfd = present.get(target)
+            if kfd is None or self._inode(vmm.pid, target) != held.inode:
+                self._release(vmm, target)
+        for target, kfd in present.items():
+            if target not in vmm.borrowed:
+                self._borrow_one(vmm, kfd, owner[target])
+
+    def _inode(self, pid: int, fd: int) -> int:
+        try:
+            return os.stat(f"{self.proc}/{pid}/fd/{fd}").st_ino
+        except OSError:
+            return -1
+
+    def _borrow_one(self, vmm: _Vmm, kfd: procfs.KvmFd, vm_fd: int) -> None:
+        try:
+            fd = procfs.pidfd_getfd(vmm.pidfd, kfd.fd)
+        except OSError as err:
+            if err.errno in (errno.EPERM, errno.EACCES):
+                self._denied = ("pidfd_getfd denied: needs CAP_SYS_PTRACE and Yama ptrace_scope < 3 "
+                                f"(pid {vmm.pid})")
+            return
+        try:
+            layout = read_layout(fd)
+            inode = os.fstat(fd).st_ino
+        except (OSError, StatsFormatError) as err:
+            os.close(fd)
+            self.say(f"statsfd-layout:{vmm.pid}:{kfd.fd}",
+                     f"kvmfleet: stats fd {kfd.fd} of pid {vmm.pid} unreadable, skipped: {err}")
+            return
+        for skipped in layout.skipped:
+            self.say(f"statsfd-skip:{skipped}", f"kvmfleet: stats descriptor skipped: {skipped}")
+        vcpu = kfd.index if kfd.kind == "vcpu-stats" else -1
+        vmm.borrowed[kfd.fd] = _Borrowed(fd, kfd.fd, inode, vm_fd, vcpu, layout)
+
+    def _release(self, vmm: _Vmm, target: int) -> None:
+        held = vmm.borrowed.pop(target)
+        os.close(held.fd)
+
+    def _retire(self, pid: int) -> None:
+        vmm = self._vmms.pop(pid)
+        for target in list(vmm.borrowed):
+            self._release(vmm, target)
+        os.close(vmm.pidfd)
+
+    def _reap_exited(self) -> None:
+        """One poll over every pidfd: a pidfd turns readable when its process exits."""
+        if not self._vmms:
+            return
+        poller = select.poll()
+        by_fd = {}
+        for vmm in self._vmms.values():
+            poller.register(vmm.pidfd, select.POLLIN)
+            by_fd[vmm.pidfd] = vmm.pid
+        for pidfd, _events in poller.poll(0):
+            self._retire(by_fd[pidfd])
+
+    # -- reading -----------------------------------------------------------------------------
+    def read(self) -> list[VMReading]:
+        if not self._probe():
+            self._usability = self._probe()
+            self.say("statsfd", f"kvmfleet: statsfd source unusable: {self._usability.reason}")
+            return []
+        self._reap_exited()
+        self._discover(self._clock())
+        readings = []
+        for vmm in list(self._vmms.values()):
+            readings.extend(self._read_vmm(vmm))
+        self._update_usability(readings)
+        return readings
+
+    def _read_vmm(self, vmm: _Vmm) -> list[VMReading]:
+        vm_fds = vmm.vm_fds or [-1]
+        per_vm = {vm_fd: VMReading(vmm.identity(vm_fd, i), self.name) for i, vm_fd in enumerate(vm_fds)}
+        for target, held in list(vmm.borrowed.items()):
+            try:
+                stats = held.layout.read(held.fd)
+            except (OSError, StatsFormatError) as err:
+                self.say(f"statsfd-read:{vmm.pid}:{target}",
+                         f"kvmfleet: stats fd {target} of pid {vmm.pid} failed, dropped: {err}")
+                self._release(vmm, target)
+                continue
+            reading = per_vm.get(held.vm_fd) or per_vm[vm_fds[0]]
+            if held.vcpu < 0:
+                reading.vm_stats = stats
+            else:
+                reading.vcpus[held.vcpu] = stats
+            _add_descs(reading.descs, held.layout)
+        return [reading for reading in per_vm.values() if reading.vm_stats or reading.vcpus]
+
+    def _update_usability(self, readings: list[VMReading]) -> None:
+        if readings:
+            self._usability = Usability(True, f"{len(readings)} VMs with stats fds")
+            self.say.forget("statsfd")
+            return
+        if self._denied:
+            reason = self._denied
+        elif self._vmms:
+            reason = (f"{len(self._vmms)} VMMs hold no KVM stats fds (QEMU < 8.1 keeps none; "
+                      "Linux < 5.14 has none)")
+        else:
+            self._usability = Usability(True, "no VMs running")
+            return
+        self._usability = Usability(False, reason)
+        self.say("statsfd", f"kvmfleet: statsfd source unusable: {reason}")
+
+    def vmm_pids(self) -> set[int]:
+        return set(self._vmms)
+
+    def close(self) -> None:
+        for pid in list(self._vmms):
+            self._retire(pid)
+
+
+def _add_descs(descs: dict[str, StatDesc], layout: StatsLayout) -> None:
+    if len(descs) < len(layout.descs):
+        for desc in layout.descs:
+            descs.setdefault(desc.name, desc)
+

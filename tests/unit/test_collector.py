@@ -1,0 +1,68 @@
+from kvmfleet.collector import Collector, HostTotals, rates, vm_sample
+from kvmfleet.model import StatDesc, StatType, Usability, VMIdentity, VMKey, VMReading
+from kvmfleet.sources.base import Source
+
+DESCS = {
+    "exits": StatDesc("exits"),
+    "pages_4k": StatDesc("pages_4k", StatType.INSTANT),
+    "max_mmu_rmap_size": StatDesc("max_mmu_rmap_size", StatType.PEAK),
+    "hist": StatDesc("hist", StatType.LOG_HIST, size=2),
+}
+
+
+def reading(pid, vm_stats=None, vcpus=None, start=100):
+    ident = VMIdentity(VMKey(pid, start, 10), "qemu", f"vm{pid}")
+    return VMReading(ident, "test", vm_stats or {}, vcpus or {}, DESCS)
+
+
+class ListSource(Source):
+    name = "list"
+
+    def __init__(self, script):
+        self.script = list(script)
+
+    def read(self):
+        return self.script.pop(0)
+
+    def usability(self):
+        return Usability(True)
+
+
+def test_vm_stats_sum_vcpus_and_peak_takes_max():
+    vm = vm_sample(reading(1, {"pages_4k": 5}, {0: {"exits": 3, "max_mmu_rmap_size": 4, "hist": (1, 2)},
+                                                1: {"exits": 4, "max_mmu_rmap_size": 9, "hist": (3, 4)}}))
+    assert vm.stats == {"exits": 7, "max_mmu_rmap_size": 9, "hist": (4, 6), "pages_4k": 5}
+
+
+def test_host_totals_start_from_current_and_never_go_backwards():
+    totals = HostTotals()
+    a = vm_sample(reading(1, {"exits": 100, "pages_4k": 10, "hist": (1, 1)}))
+    b = vm_sample(reading(2, {"exits": 50, "pages_4k": 20, "max_mmu_rmap_size": 7, "hist": (0, 2)}))
+    host, retired = totals.update([a, b])
+    assert host == {"exits": 150, "pages_4k": 30, "max_mmu_rmap_size": 7, "hist": (1, 3)} and retired == 0
+    # b exits: its cumulative values stay, its instant values leave, peaks stay
+    a2 = vm_sample(reading(1, {"exits": 110, "pages_4k": 12, "hist": (2, 1)}))
+    host, retired = totals.update([a2])
+    assert host == {"exits": 160, "pages_4k": 12, "max_mmu_rmap_size": 7, "hist": (2, 3)} and retired == 1
+    # a counter read lower (a vCPU fd dropped) does not pull the total down
+    a3 = vm_sample(reading(1, {"exits": 90, "pages_4k": 12, "hist": (2, 1)}))
+    host, _ = totals.update([a3])
+    assert host["exits"] == 160
+    # a restarted VM (same pid, new start time) is a new VM: the old one retires
+    a4 = vm_sample(reading(1, {"exits": 5, "pages_4k": 1, "hist": (0, 0)}, start=999))
+    host, retired = totals.update([a4])
+    assert host["exits"] == 165 and retired == 1
+
+
+def test_rates_skip_new_vms_and_resets():
+    src = ListSource([
+        [reading(1, {"exits": 100, "pages_4k": 3})],
+        [reading(1, {"exits": 300, "pages_4k": 9}), reading(2, {"exits": 7})],
+    ])
+    clock = iter([0.0, 0.0, 2.0, 2.0])
+    collector = Collector(src, wall_clock=lambda: 1, mono_clock=lambda: next(clock))
+    first, second = collector.sample(), collector.sample()
+    r = rates(first, second)
+    assert r.interval_s == 2.0
+    assert r.host == {"exits": (307 - 100) / 2}
+    assert r.vms == {VMKey(1, 100, 10): {"exits": 100.0}}
