@@ -13,13 +13,12 @@ a type or unit this code does not know (a newer kernel) are skipped and listed i
 
 from __future__ import annotations
 
-import operator
 import os
 import struct
 from dataclasses import dataclass
-from typing import Callable
 
-from .model import StatDesc, Stats, StatType, StatUnit
+from .model import StatDesc, StatType, StatUnit
+from .statblock import Shape, StatBlock
 
 HEADER = struct.Struct("=6I")
 DESC_HEAD = struct.Struct("=IhHII")
@@ -68,7 +67,7 @@ def _cstring(raw: bytes) -> str:
 
 
 class StatsLayout:
-    """Everything about one stats fd except its values, plus a plan to decode the data block fast."""
+    """Everything about one stats fd except its values: id, descriptors, where the data block is."""
 
     def __init__(self, stat_id: str, placed: list[tuple[StatDesc, int]], data_offset: int,
                  skipped: list[str]) -> None:
@@ -77,37 +76,15 @@ class StatsLayout:
         self.data_offset = data_offset
         self.skipped = skipped
         self.descs = tuple(desc for desc, _ in placed)
-        self.data_size = max((off + desc.size * U64 for desc, off in placed), default=0)
-        nwords = self.data_size // U64
-        self._unpack = struct.Struct(f"={nwords}Q").unpack
-        scalars = [(desc.name, off // U64) for desc, off in placed if not desc.type.is_histogram]
-        self._scalar_names = tuple(name for name, _ in scalars)
-        indexes = [index for _, index in scalars]
-        self._pick: Callable[[tuple[int, ...]], tuple[int, ...]] | None
-        if indexes == list(range(nwords)):
-            self._pick = None  # the common case: the data block is exactly the scalars, in order
-        elif len(indexes) == 1:
-            only = indexes[0]
-            self._pick = lambda words: (words[only],)
-        elif indexes:
-            self._pick = operator.itemgetter(*indexes)
-        else:
-            self._pick = lambda words: ()
-        self._hists = tuple(
-            (desc.name, off // U64, off // U64 + desc.size) for desc, off in placed if desc.type.is_histogram
-        )
+        self.shape = Shape.of([(desc, off // U64) for desc, off in placed])
+        self.data_size = self.shape.nwords * U64
 
-    def decode(self, data: bytes) -> Stats:
+    def decode(self, data: bytes) -> StatBlock:
         if len(data) < self.data_size:
             raise StatsFormatError(f"stats data truncated: {len(data)} of {self.data_size} bytes")
-        words = self._unpack(data if len(data) == self.data_size else data[: self.data_size])
-        scalars = words if self._pick is None else self._pick(words)
-        stats: Stats = dict(zip(self._scalar_names, scalars))
-        for name, start, stop in self._hists:
-            stats[name] = words[start:stop]
-        return stats
+        return StatBlock.from_data(self.shape, data)
 
-    def read(self, fd: int) -> Stats:
+    def read(self, fd: int) -> StatBlock:
         """One ``pread`` of the data block. OSError propagates (the fd's VM may be gone)."""
         return self.decode(os.pread(fd, self.data_size, self.data_offset))
 

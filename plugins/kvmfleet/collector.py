@@ -19,11 +19,13 @@ A VM is one series per :class:`VMKey` (pid, process start time, VM fd): a restar
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .model import StatDesc, Stats, StatType, Value, VMIdentity, VMKey, VMReading, combine_stats
+from .model import StatDesc, Stats, StatType, Value, VMIdentity, VMKey, VMReading
 from .sources.base import Source
+from .statblock import MergedStats, StatBlock, add_values, combine, scalar_items, sum_blocks
 
 
 @dataclass
@@ -32,7 +34,8 @@ class VMSample:
     source: str
     stats: Stats  # VM-level stats plus its vCPUs' summed, like a debugfs <pid>-<fd>/ directory
     vcpus: dict[int, Stats]
-    descs: dict[str, StatDesc]
+    descs: Mapping[str, StatDesc]
+    parts: tuple[Stats, ...] = ()  # what ``stats`` is made of: VM-level stats, the vCPUs' sum
 
 
 @dataclass
@@ -63,71 +66,121 @@ class Rates:
 
 def vm_sample(reading: VMReading) -> VMSample:
     if reading.vm_stats_include_vcpus or not reading.vcpus:
-        stats = dict(reading.vm_stats)
+        parts: tuple[Stats, ...] = (reading.vm_stats,)
     else:
-        stats = combine_stats(list(reading.vcpus.values()), reading.descs)
-        stats.update(reading.vm_stats)  # a VM-level stat wins over a same-named vCPU sum
-    return VMSample(reading.identity, reading.source, stats, reading.vcpus, reading.descs)
+        vcpu_sum = combine(list(reading.vcpus.values()), reading.descs)
+        # a VM-level stat wins over a same-named vCPU sum
+        parts = (reading.vm_stats, vcpu_sum) if reading.vm_stats else (vcpu_sum,)
+    stats = parts[0] if len(parts) == 1 else MergedStats(*parts)
+    return VMSample(reading.identity, reading.source, stats, reading.vcpus, reading.descs, parts)
 
 
-def _grow(prev: Value | None, cur: Value) -> Value:
-    """The larger of a previous and a current cumulative value (element-wise for histograms)."""
-    if prev is None:
-        return cur
-    if isinstance(cur, int) and isinstance(prev, int):
-        return cur if cur >= prev else prev
-    if isinstance(cur, tuple) and isinstance(prev, tuple) and len(cur) == len(prev):
-        return tuple(c if c >= p else p for c, p in zip(cur, prev))
-    return cur
+class HostStats(Mapping[str, Value]):
+    """Host totals: scalars computed with the sample, histograms added up on first access."""
 
+    __slots__ = ("_hist", "_hist_names", "scalars")
 
-def _add(a: Value | None, b: Value) -> Value:
-    if a is None:
-        return b
-    if isinstance(a, int) and isinstance(b, int):
-        return a + b
-    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
-        return tuple(x + y for x, y in zip(a, b))
-    return b  # a histogram that changed shape (new kernel): take the newer one
+    def __init__(self, scalars: dict[str, int], hist_names: list[str],
+                 hist: Callable[[str], tuple[int, ...]]) -> None:
+        self.scalars = scalars
+        self._hist_names = [name for name in hist_names if name not in scalars]
+        self._hist = hist
+
+    def __getitem__(self, name: str) -> Value:
+        if name in self.scalars:
+            return self.scalars[name]
+        if name in self._hist_names:
+            return self._hist(name)
+        raise KeyError(name)
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self.scalars
+        yield from self._hist_names
+
+    def __len__(self) -> int:
+        return len(self.scalars) + len(self._hist_names)
 
 
 class HostTotals:
     """Monotonic host totals over VMs that come and go (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._live: dict[VMKey, Stats] = {}  # each live VM's monotonic cumulative contribution
-        self._retired: Stats = {}
+        self._last: dict[VMKey, VMSample] = {}  # each live VM's latest sample, retired when it goes
+        self._retired: dict[str, Value] = {}
         self._peaks: dict[str, int] = {}
+        self._floor: dict[str, int] = {}  # cumulative totals never go below what was reported
         self.descs: dict[str, StatDesc] = {}
+
+    def _retire(self, parts: Iterable[Stats]) -> None:
+        for part in parts:
+            for name, value in part.items():
+                desc = self.descs.get(name)
+                if desc is None or desc.type.is_cumulative:
+                    self._retired[name] = add_values(self._retired.get(name), value)
 
     def update(self, vms: list[VMSample]) -> tuple[Stats, int]:
         """(host totals, number of VMs retired by this update)."""
-        seen = set()
-        instant: Stats = {}
         for vm in vms:
-            key = vm.identity.key
-            seen.add(key)
-            contrib = self._live.setdefault(key, {})
-            for name, value in vm.stats.items():
-                desc = vm.descs.get(name) or self.descs.get(name) or StatDesc(name)
-                self.descs.setdefault(name, desc)
-                if desc.type is StatType.INSTANT:
-                    instant[name] = _add(instant.get(name), value)
-                elif desc.type is StatType.PEAK and isinstance(value, int):
-                    self._peaks[name] = max(self._peaks.get(name, value), value)
-                else:
-                    contrib[name] = _grow(contrib.get(name), value)
-        gone = [key for key in self._live if key not in seen]
+            if vm.descs is not self._last.get(vm.identity.key, vm).descs or not self.descs:
+                for name, vm_desc in vm.descs.items():
+                    self.descs.setdefault(name, vm_desc)
+        live = {vm.identity.key: vm for vm in vms}
+        gone = [key for key in self._last if key not in live]
         for key in gone:
-            for name, value in self._live.pop(key).items():
-                self._retired[name] = _add(self._retired.get(name), value)
-        totals: Stats = dict(self._retired)
-        for contrib in self._live.values():
-            for name, value in contrib.items():
-                totals[name] = _add(totals.get(name), value)
-        totals.update(instant)
-        totals.update(self._peaks)
-        return totals, len(gone)
+            self._retire(self._last.pop(key).parts)
+        for key, vm in live.items():
+            last = self._last.get(key)
+            if last is not None and last.vcpus.keys() - vm.vcpus.keys() and not vm.source.startswith("debugfs"):
+                # vCPUs gone from a live VM (unplugged, or their fds dropped): keep what they counted
+                self._retire([last.vcpus[vcpu] for vcpu in last.vcpus.keys() - vm.vcpus.keys()])
+        self._last = live
+
+        # sum like with like: parts of one shape column-wise, the rest (debugfs dicts) name by name
+        by_shape: dict[int, list[StatBlock]] = {}
+        loose: list[Stats] = []
+        for vm in vms:
+            for part in vm.parts:
+                if isinstance(part, StatBlock):
+                    by_shape.setdefault(id(part.shape), []).append(part)
+                else:
+                    loose.append(part)
+        groups: list[Stats] = [sum_blocks(blocks) for blocks in by_shape.values()]
+        if loose:
+            groups.append(combine(loose, self.descs))
+
+        scalars: dict[str, int] = {}
+        peaks_now: dict[str, int] = {}
+        for group in groups:
+            for name, value in scalar_items(group):
+                kind = self.descs.get(name)
+                if kind is not None and kind.type is StatType.PEAK:
+                    peaks_now[name] = max(peaks_now.get(name, value), value)
+                else:
+                    scalars[name] = scalars.get(name, 0) + value
+        for name, value in scalars.items():
+            kind = self.descs.get(name)
+            if kind is None or kind.type is StatType.CUMULATIVE:
+                retired = self._retired.get(name, 0)
+                total = value + (retired if isinstance(retired, int) else 0)
+                scalars[name] = self._floor[name] = max(total, self._floor.get(name, 0))
+        for name, retired in self._retired.items():
+            if isinstance(retired, int) and name not in scalars:
+                scalars[name] = max(retired, self._floor.get(name, 0))
+        for name, value in peaks_now.items():
+            self._peaks[name] = max(self._peaks.get(name, value), value)
+        scalars.update(self._peaks)
+
+        hist_names = [name for name, desc in self.descs.items() if desc.type.is_histogram]
+        retired_hists = {name: self._retired.get(name) for name in hist_names}
+
+        def hist(name: str) -> tuple[int, ...]:
+            total = retired_hists.get(name)
+            for group in groups:
+                if name in group:
+                    total = add_values(total, group[name])
+            return total if isinstance(total, tuple) else ()
+
+        return HostStats(scalars, hist_names, hist), len(gone)
 
 
 class Collector:
@@ -157,14 +210,12 @@ class Collector:
         self.close()
 
 
-def _scalar_rates(prev: Stats, cur: Stats, descs: dict[str, StatDesc], dt: float) -> dict[str, float]:
+def _scalar_rates(prev: Stats, cur: Stats, descs: Mapping[str, StatDesc], dt: float) -> dict[str, float]:
     rates = {}
-    for name, value in cur.items():
+    for name, value in scalar_items(cur):
         before = prev.get(name)
         desc = descs.get(name)
-        if not isinstance(value, int) or not isinstance(before, int):
-            continue
-        if desc is not None and desc.type is not StatType.CUMULATIVE:
+        if not isinstance(before, int) or (desc is not None and desc.type is not StatType.CUMULATIVE):
             continue
         if value >= before:  # a counter that went down was reset: no rate rather than a wrong one
             rates[name] = (value - before) / dt

@@ -9,12 +9,13 @@ bucket counts.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Union
 
 # One scalar counter or a histogram (bucket counts, lowest bucket first).
 Value = Union[int, tuple[int, ...]]
-Stats = dict[str, Value]
+Stats = Mapping[str, Value]  # a dict, or a StatBlock read from a stats fd
 
 
 class StatType(enum.IntEnum):
@@ -129,20 +130,3 @@ class Usability:
     def __bool__(self) -> bool:
         return self.usable
 
-
-def combine_stats(parts: list[Stats], descs: dict[str, StatDesc]) -> Stats:
-    """Stats of several vCPUs (or VMs) as one: counters, instant values and histogram buckets add
-    up; peak values take the maximum (the peak of a whole is the largest peak of its parts)."""
-    total: Stats = {}
-    for stats in parts:
-        for name, value in stats.items():
-            prev = total.get(name)
-            if prev is None:
-                total[name] = value
-            elif isinstance(value, int) and isinstance(prev, int):
-                desc = descs.get(name)
-                peak = desc is not None and desc.type is StatType.PEAK
-                total[name] = max(prev, value) if peak else prev + value
-            elif isinstance(value, tuple) and isinstance(prev, tuple) and len(value) == len(prev):
-                total[name] = tuple(a + b for a, b in zip(prev, value))
-    return total

@@ -44,15 +44,28 @@ def test_host_totals_start_from_current_and_never_go_backwards():
     a2 = vm_sample(reading(1, {"exits": 110, "pages_4k": 12, "hist": (2, 1)}))
     host, retired = totals.update([a2])
     assert host == {"exits": 160, "pages_4k": 12, "max_mmu_rmap_size": 7, "hist": (2, 3)} and retired == 1
-    # a counter read lower (a vCPU fd dropped) does not pull the total down
+    # a counter read lower than before (someone cleared a debugfs file) never pulls the total down
     a3 = vm_sample(reading(1, {"exits": 90, "pages_4k": 12, "hist": (2, 1)}))
     host, _ = totals.update([a3])
     assert host["exits"] == 160
+    a3b = vm_sample(reading(1, {"exits": 115, "pages_4k": 12, "hist": (2, 1)}))
+    host, _ = totals.update([a3b])
+    assert host["exits"] == 50 + 115
     # a restarted VM (same pid, new start time) is a new VM: the old one retires
     a4 = vm_sample(reading(1, {"exits": 5, "pages_4k": 1, "hist": (0, 0)}, start=999))
     host, retired = totals.update([a4])
-    assert host["exits"] == 165 and retired == 1
+    assert host["exits"] == 50 + 115 + 5 and retired == 1
 
+
+def test_vcpu_that_disappears_keeps_its_counts_in_host_totals():
+    totals = HostTotals()
+    vm = vm_sample(reading(1, {"pages_4k": 1}, {0: {"exits": 10}, 1: {"exits": 20}, 2: {"exits": 30}}))
+    assert vm.stats["exits"] == 60
+    host, _ = totals.update([vm])
+    assert host["exits"] == 60
+    vm = vm_sample(reading(1, {"pages_4k": 1}, {0: {"exits": 11}, 2: {"exits": 33}}))
+    host, retired = totals.update([vm])
+    assert host["exits"] == 11 + 33 + 20 and retired == 0
 
 def test_rates_skip_new_vms_and_resets():
     src = ListSource([

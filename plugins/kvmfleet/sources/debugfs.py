@@ -20,7 +20,7 @@ import stat
 from .. import procfs
 from ..identity import parse_identity
 from ..logsay import SayOnce
-from ..model import StatDesc, Stats, StatType, StatUnit, Usability, VMIdentity, VMKey, VMReading
+from ..model import StatDesc, Stats, StatType, StatUnit, Usability, Value, VMIdentity, VMKey, VMReading
 from .base import Source
 
 DEFAULT_ROOT = "/sys/kernel/debug/kvm"
@@ -113,7 +113,7 @@ class DebugfsSource(Source):
 
     def _read_dir(self, vm_dir: str) -> tuple[Stats, dict[str, StatDesc]]:
         """Open, read, close each counter file. EPERM propagates (lockdown); ENOENT means the VM went."""
-        stats: Stats = {}
+        stats: dict[str, Value] = {}
         descs: dict[str, StatDesc] = {}
         for name in os.listdir(vm_dir):
             path = f"{vm_dir}/{name}"

@@ -28,6 +28,7 @@ from ..binstats import StatsFormatError, StatsLayout, read_layout
 from ..identity import parse_identity
 from ..logsay import SayOnce
 from ..model import StatDesc, Usability, VMIdentity, VMKey, VMReading
+from ..statblock import Shape, StatBlock
 from .base import Source
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -60,11 +61,27 @@ class _Vmm:
     vm_fds: list[int] = field(default_factory=list)
     borrowed: dict[int, _Borrowed] = field(default_factory=dict)  # by the VMM's fd number
     scanned_at: float = 0.0
+    # the read plan, rebuilt whenever ``borrowed`` changes: everything a sample needs, precomputed
+    plan: list[tuple[int, int, int, int, Shape, int, int]] = field(default_factory=list)
+    identities: dict[int, VMIdentity] = field(default_factory=dict)
+    descs: dict[int, dict[str, StatDesc]] = field(default_factory=dict)
 
     def identity(self, vm_fd: int, index: int) -> VMIdentity:
         # a process with several VMs (rare: test harnesses) names them NAME, NAME#2, ...
         name = self.name if index == 0 else f"{self.name}#{index + 1}"
         return VMIdentity(VMKey(self.pid, self.start_time, vm_fd), self.vmm, name, self.uuid)
+
+    def replan(self, descs_for: Callable[[frozenset[Shape]], dict[str, StatDesc]]) -> None:
+        vm_fds = self.vm_fds or [-1]
+        self.identities = {vm_fd: self.identity(vm_fd, i) for i, vm_fd in enumerate(vm_fds)}
+        shapes: dict[int, set[Shape]] = {vm_fd: set() for vm_fd in vm_fds}
+        self.plan = []
+        for target, held in sorted(self.borrowed.items()):
+            vm_fd = held.vm_fd if held.vm_fd in shapes else vm_fds[0]
+            layout = held.layout
+            self.plan.append((target, held.fd, layout.data_size, layout.data_offset, layout.shape, held.vcpu, vm_fd))
+            shapes[vm_fd].add(layout.shape)
+        self.descs = {vm_fd: descs_for(frozenset(found)) for vm_fd, found in shapes.items()}
 
 
 def _group_by_vm(kvm_fds: list[procfs.KvmFd]) -> tuple[list[int], dict[int, int]]:
@@ -99,6 +116,7 @@ class StatsfdSource(Source):
         self._hinted: set[int] = set()
         self._denied: str = ""  # why borrowing failed, if it did
         self._self_pid = os.getpid()
+        self._descs_cache: dict[frozenset[Shape], dict[str, StatDesc]] = {}
         self._usability = self._probe()
 
     # -- state -------------------------------------------------------------------------------
@@ -198,6 +216,7 @@ class StatsfdSource(Source):
         for target, kfd in present.items():
             if target not in vmm.borrowed:
                 self._borrow_one(vmm, kfd, owner[target])
+        vmm.replan(self._descs_for)
 
     def _inode(self, pid: int, fd: int) -> int:
         try:
@@ -229,6 +248,7 @@ class StatsfdSource(Source):
     def _release(self, vmm: _Vmm, target: int) -> None:
         held = vmm.borrowed.pop(target)
         os.close(held.fd)
+        vmm.replan(self._descs_for)
 
     def _retire(self, pid: int) -> None:
         vmm = self._vmms.pop(pid)
@@ -263,23 +283,37 @@ class StatsfdSource(Source):
         return readings
 
     def _read_vmm(self, vmm: _Vmm) -> list[VMReading]:
-        vm_fds = vmm.vm_fds or [-1]
-        per_vm = {vm_fd: VMReading(vmm.identity(vm_fd, i), self.name) for i, vm_fd in enumerate(vm_fds)}
-        for target, held in list(vmm.borrowed.items()):
+        """One pread per borrowed fd, by the plan; hot: runs for every fd of every sample."""
+        per_vm = {vm_fd: VMReading(identity, self.name, descs=vmm.descs[vm_fd])
+                  for vm_fd, identity in vmm.identities.items()}
+        pread, from_data = os.pread, StatBlock.from_data
+        failed = []
+        for target, fd, size, offset, shape, vcpu, vm_fd in vmm.plan:
             try:
-                stats = held.layout.read(held.fd)
+                data = pread(fd, size, offset)
+                if len(data) < size:
+                    raise StatsFormatError(f"stats data truncated: {len(data)} of {size} bytes")
             except (OSError, StatsFormatError) as err:
                 self.say(f"statsfd-read:{vmm.pid}:{target}",
                          f"kvmfleet: stats fd {target} of pid {vmm.pid} failed, dropped: {err}")
-                self._release(vmm, target)
+                failed.append(target)
                 continue
-            reading = per_vm.get(held.vm_fd) or per_vm[vm_fds[0]]
-            if held.vcpu < 0:
-                reading.vm_stats = stats
+            if vcpu < 0:
+                per_vm[vm_fd].vm_stats = from_data(shape, data)
             else:
-                reading.vcpus[held.vcpu] = stats
-            _add_descs(reading.descs, held.layout)
+                per_vm[vm_fd].vcpus[vcpu] = from_data(shape, data)
+        for target in failed:
+            self._release(vmm, target)
         return [reading for reading in per_vm.values() if reading.vm_stats or reading.vcpus]
+
+    def _descs_for(self, shapes: frozenset[Shape]) -> dict[str, StatDesc]:
+        """One shared descriptor map per combination of layouts (in practice: one per host)."""
+        descs = self._descs_cache.get(shapes)
+        if descs is None:
+            descs = self._descs_cache[shapes] = {}
+            for shape in shapes:
+                descs.update(shape.descs)
+        return descs
 
     def _update_usability(self, readings: list[VMReading]) -> None:
         if readings:
@@ -303,10 +337,4 @@ class StatsfdSource(Source):
     def close(self) -> None:
         for pid in list(self._vmms):
             self._retire(pid)
-
-
-def _add_descs(descs: dict[str, StatDesc], layout: StatsLayout) -> None:
-    if len(descs) < len(layout.descs):
-        for desc in layout.descs:
-            descs.setdefault(desc.name, desc)
 

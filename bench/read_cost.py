@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""What one full sample costs, against the floor of the syscalls it cannot avoid.
+
+Starts VMS real guests with VCPUS vCPUs each (kvmfleet-guestvmm, stats fds held like QEMU >= 8.1),
+then measures, in the same run and over the same VMs:
+
+* statsfd: one full ``Collector.sample()`` through the statsfd source (pidfd liveness poll, /proc
+  discovery, one pread + decode per fd, per-VM sums, host totals);
+* floor: a bare ``os.pread`` of the data block of every fd the source borrowed, nothing else;
+* debugfs-style: the debugfs source (open-read-close per file) over a tmpfs tree of the same shape
+  (one directory per VM, one file per stat, real values), since lockdown keeps the real one unreadable.
+
+Prints a table, then ``read_cost_ratio`` (statsfd / floor, target <= 3) and ``debugfs_style_ratio``
+(debugfs-style / statsfd).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Callable
+
+from kvmfleet.collector import Collector
+from kvmfleet.guestvmm import launch_fleet
+from kvmfleet.model import StatType
+from kvmfleet.sources import DebugfsSource, StatsfdSource
+
+
+def timed(func: Callable[[], object], repeat: int) -> float:
+    """Median wall seconds of ``repeat`` calls (after one warm-up)."""
+    func()
+    runs = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        func()
+        runs.append(time.perf_counter() - start)
+    return statistics.median(runs)
+
+
+def debugfs_tree(root: str, source: StatsfdSource, sample_vms: list) -> None:  # type: ignore[type-arg]
+    """A debugfs-shaped tree: ``<pid>-<vmfd>/<stat>`` with each VM's values (vCPU stats summed)."""
+    for vm in sample_vms:
+        key = vm.identity.key
+        vm_dir = os.path.join(root, f"{key.pid}-{key.vm_fd}")
+        os.makedirs(vm_dir)
+        for name, value in vm.stats.items():
+            if isinstance(value, tuple):
+                continue  # debugfs shows histograms as their first bucket; the source skips them
+            path = os.path.join(vm_dir, name)
+            with open(path, "w") as handle:
+                handle.write(f"{value}\n")
+            desc = vm.descs.get(name)
+            os.chmod(path, 0o444 if desc is not None and desc.type is StatType.INSTANT else 0o644)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--vms", type=int, default=200)
+    parser.add_argument("--vcpus", type=int, default=4)
+    parser.add_argument("--repeat", type=int, default=30)
+    args = parser.parse_args()
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = args.vms * (args.vcpus + 4) + 256
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+
+    started = time.perf_counter()
+    with launch_fleet(args.vms, vcpus=args.vcpus, workload="halt", loops=100, name_prefix="bench") as fleet:
+        fleet.wait_ready(300)
+        start_s = time.perf_counter() - started
+        source = StatsfdSource()
+        collector = Collector(source)
+        first = collector.sample()
+        ours = [vm for vm in first.vms if vm.identity.key.pid in set(fleet.pids)]
+        if len(ours) != args.vms or any(len(vm.vcpus) != args.vcpus for vm in ours):
+            print(f"error: saw {len(ours)} of {args.vms} VMs with all vCPUs", file=sys.stderr)
+            return 1
+        fds = [(held.fd, held.layout.data_size, held.layout.data_offset)
+               for vmm in source._vmms.values() for held in vmm.borrowed.values()]
+
+        def floor() -> None:
+            for fd, size, offset in fds:
+                os.pread(fd, size, offset)
+
+        statsfd_s = timed(collector.sample, args.repeat)
+        floor_s = timed(floor, args.repeat)
+        tree = tempfile.mkdtemp(prefix="kvmfleet-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+        try:
+            debugfs_tree(tree, source, ours)
+            debugfs = Collector(DebugfsSource(root=tree))
+            debugfs_s = timed(debugfs.sample, max(5, args.repeat // 3))
+            files = sum(len(os.listdir(os.path.join(tree, d))) for d in os.listdir(tree))
+        finally:
+            shutil.rmtree(tree)
+        collector.close()
+
+    per_fd = 1e6 / len(fds)
+    print(f"{args.vms} VMs x {args.vcpus} vCPUs ({len(fds)} stats fds, {files} debugfs-style files); "
+          f"fleet started in {start_s:.1f} s; median of {args.repeat} samples")
+    print(f"{'path':<32} {'ms/sample':>10} {'us/fd':>8} {'x floor':>8}")
+    for name, seconds in (("pread floor", floor_s), ("statsfd full sample", statsfd_s),
+                          ("debugfs-style (tmpfs)", debugfs_s)):
+        print(f"{name:<32} {seconds * 1e3:>10.2f} {seconds * per_fd:>8.2f} {seconds / floor_s:>8.2f}")
+    print(f"read_cost_ratio={statsfd_s / floor_s:.2f}")
+    print(f"debugfs_style_ratio={debugfs_s / statsfd_s:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
