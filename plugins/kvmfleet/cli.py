@@ -59,10 +59,11 @@ def cmd_stat(args: argparse.Namespace) -> int:
 
 def cmd_facts(args: argparse.Namespace) -> int:
     from .facts import format_text, gather
+    from .logsay import SayOnce
     from .sources import make_source
 
     facts = gather()
-    with make_source("auto") as source:
+    with make_source("auto", say=SayOnce(quiet=True)) as source:  # the output says why a source is unusable
         source.read()
         facts.sources = {name: {"usable": state.usable, "reason": state.reason}
                          for name, state in source.sources_used().items()}

@@ -10,15 +10,17 @@ log = logging.getLogger("kvmfleet")
 class SayOnce:
     """Log each distinct (key, message) once; say again only when the message for a key changes."""
 
-    def __init__(self, logger: logging.Logger = log) -> None:
+    def __init__(self, logger: logging.Logger = log, quiet: bool = False) -> None:
+        """``quiet``: log at DEBUG only (for commands that print the same facts themselves)."""
         self._logger = logger
+        self._quiet = quiet
         self._said: dict[str, str] = {}
 
     def __call__(self, key: str, message: str, level: int = logging.WARNING) -> bool:
         if self._said.get(key) == message:
             return False
         self._said[key] = message
-        self._logger.log(level, "%s", message)
+        self._logger.log(logging.DEBUG if self._quiet else level, "%s", message)
         return True
 
     def forget(self, key: str) -> None:

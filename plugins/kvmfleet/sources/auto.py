@@ -10,6 +10,8 @@ The parts are kept in a list so a later source (libvirt, QMP) slots in beside th
 
 from __future__ import annotations
 
+from collections.abc import Container
+
 from ..logsay import SayOnce
 from ..model import Usability, VMKey, VMReading
 from .base import Source
@@ -21,10 +23,12 @@ class AutoSource(Source):
     name = "auto"
 
     def __init__(self, debugfs: DebugfsSource | None = None, statsfd: StatsfdSource | None = None,
-                 say: SayOnce | None = None) -> None:
+                 say: SayOnce | None = None, only_pids: Container[int] | None = None) -> None:
+        """``only_pids`` restricts both parts to those VMM processes (selftest, tests)."""
         self.say = say or SayOnce()
+        self.only_pids = only_pids
         self.debugfs = debugfs or DebugfsSource(say=self.say)
-        self.statsfd = statsfd or StatsfdSource(say=self.say)
+        self.statsfd = statsfd or StatsfdSource(say=self.say, only_pids=only_pids)
 
     def usability(self) -> Usability:
         parts = self.sources_used()
@@ -36,8 +40,8 @@ class AutoSource(Source):
         return {self.debugfs.name: self.debugfs.usability(), self.statsfd.name: self.statsfd.usability()}
 
     def read(self) -> list[VMReading]:
-        from_debugfs = {_match_key(r.identity.key): r for r in self.debugfs.read()}
-        listed = self.debugfs.listed_vms()
+        from_debugfs = {_match_key(r.identity.key): r for r in self.debugfs.read() if self._wanted(r.identity.key.pid)}
+        listed = [(pid, fd) for pid, fd in self.debugfs.listed_vms() if self._wanted(pid)]
         self.statsfd.hint({pid for pid, _ in listed} - self.statsfd.vmm_pids())
         from_statsfd = {_match_key(r.identity.key): r for r in self.statsfd.read()}
         # a VMM that closed its VM fd (vm_fd -1 in statsfd) still matches debugfs by pid alone
@@ -57,6 +61,9 @@ class AutoSource(Source):
         seen = {_match_key(r.identity.key) for r in merged} | {(r.identity.key.pid, -1) for r in merged}
         merged.extend(self._unreadable(listed, seen))
         return merged
+
+    def _wanted(self, pid: int) -> bool:
+        return self.only_pids is None or pid in self.only_pids
 
     def _unreadable(self, listed: list[tuple[int, int]], seen: set[tuple[int, int]]) -> list[VMReading]:
         """VMs debugfs names that no source could read: reported with no stats."""
