@@ -56,21 +56,29 @@ HistSource = Union[bytes, Sequence["StatBlock"]]
 
 
 class StatBlock(Mapping[str, Value]):
-    """Values in a :class:`Shape`: scalars as one tuple, histograms from the raw words or, for a
-    sum of blocks, added up on first access."""
+    """Values in a :class:`Shape`: scalars as one tuple, histograms from the raw data block or, for a
+    sum of blocks, added up on first access. A block read from an fd keeps the raw bytes and
+    unpacks them when first looked at: reading stays one pread per fd."""
 
-    __slots__ = ("_hist_cache", "_hist_from", "scalars", "shape")
+    __slots__ = ("_hist_cache", "_hist_from", "_scalars", "shape")
 
-    def __init__(self, shape: Shape, scalars: Words, hist_from: HistSource = b"") -> None:
+    def __init__(self, shape: Shape, scalars: Words | None, hist_from: HistSource = b"") -> None:
         self.shape = shape
-        self.scalars = scalars
+        self._scalars = scalars
         self._hist_from = hist_from
         self._hist_cache: dict[str, tuple[int, ...]] | None = None
 
     @classmethod
     def from_data(cls, shape: Shape, data: bytes) -> StatBlock:
-        """Values from a data block as pread from a stats fd."""
-        return cls(shape, shape.unpack_scalars(data), data if shape.hists else b"")
+        """Values from a data block as pread from a stats fd (at least ``shape.nwords`` words)."""
+        return cls(shape, None, data)
+
+    @property
+    def scalars(self) -> Words:
+        scalars = self._scalars
+        if scalars is None:
+            scalars = self._scalars = self.shape.unpack_scalars(self._hist_from)  # type: ignore[arg-type]
+        return scalars
 
     def _hist(self, name: str) -> tuple[int, ...]:
         source = self._hist_from
