@@ -1,0 +1,47 @@
+import os
+
+from kvmfleet import procfs
+from kvmfleet.sources.statsfd import _group_by_vm
+
+
+def fake_proc(tmp_path, pid, links, comm="qemu-system-x86", argv=(b"qemu-system-x86_64",)):
+    p = tmp_path / str(pid)
+    (p / "fd").mkdir(parents=True)
+    for fd, target in links.items():
+        os.symlink(target, p / "fd" / str(fd))
+    # comm with spaces and parentheses must not shift the fields after it
+    (p / "stat").write_text(f"{pid} ({comm} (x) y) S " + " ".join(["1"] * 18) + " 4242 0 0\n")
+    (p / "cmdline").write_bytes(b"\0".join(argv) + b"\0")
+    (p / "comm").write_text(comm + "\n")
+    return str(tmp_path)
+
+
+def test_kvm_fds_and_start_time(tmp_path):
+    proc = fake_proc(tmp_path, 10, {
+        3: "/dev/kvm", 4: "anon_inode:kvm-vm", 5: "anon_inode:kvm-vcpu:0", 6: "anon_inode:kvm-vcpu-stats:0",
+        7: "anon_inode:kvm-vm-stats", 8: "anon_inode:[eventfd]", 12: "anon_inode:kvm-vcpu-stats:1",
+        9: "socket:[123]",
+    })
+    assert procfs.kvm_fds(10, proc) == [
+        procfs.KvmFd(4, "vm"), procfs.KvmFd(5, "vcpu", 0), procfs.KvmFd(6, "vcpu-stats", 0),
+        procfs.KvmFd(7, "vm-stats"), procfs.KvmFd(12, "vcpu-stats", 1),
+    ]
+    assert procfs.start_time(10, proc) == 4242
+    assert procfs.cmdline(10, proc) == ["qemu-system-x86_64"]
+    assert procfs.comm(10, proc) == "qemu-system-x86"
+
+
+def test_vanished_process(tmp_path):
+    assert procfs.kvm_fds(99, str(tmp_path)) == []
+    assert procfs.start_time(99, str(tmp_path)) is None
+    assert procfs.cmdline(99, str(tmp_path)) == []
+
+
+def test_stats_fds_group_under_the_nearest_vm_fd_below_them():
+    fds = [procfs.KvmFd(4, "vm"), procfs.KvmFd(6, "vcpu-stats", 0), procfs.KvmFd(7, "vm-stats"),
+           procfs.KvmFd(9, "vm"), procfs.KvmFd(11, "vcpu-stats", 0), procfs.KvmFd(12, "vm-stats")]
+    vm_fds, owner = _group_by_vm(fds)
+    assert vm_fds == [4, 9]
+    assert owner == {6: 4, 7: 4, 11: 9, 12: 9}
+    # a VMM that closed its VM fd but kept the stats fds: one VM, fd unknown (-1)
+    assert _group_by_vm([procfs.KvmFd(5, "vcpu-stats", 0)]) == ([], {5: -1})
