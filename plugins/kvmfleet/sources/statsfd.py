@@ -231,6 +231,11 @@ class StatsfdSource(Source):
             if err.errno in (errno.EPERM, errno.EACCES):
                 self._denied = ("pidfd_getfd denied: needs CAP_SYS_PTRACE and Yama ptrace_scope < 3 "
                                 f"(pid {vmm.pid})")
+            elif err.errno in (errno.EMFILE, errno.ENFILE):
+                self.say("statsfd-emfile", f"kvmfleet: out of file descriptors borrowing stats fds ({err}); "
+                         "raise the collector's RLIMIT_NOFILE (about 1 + vCPUs + 1 per VM)")
+            elif err.errno == errno.ENOSYS:
+                self._denied = "pidfd_getfd is not available (needs Linux 5.6)"
             return
         try:
             layout = read_layout(fd)
