@@ -85,6 +85,12 @@ def cmd_selftest(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_collectd_config(args: argparse.Namespace) -> int:
+    from .collectd_config import main as collectd_config_main
+
+    return collectd_config_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmfleet", description="KVM statistics for hypervisor fleets.")
     parser.add_argument("--version", action="version", version=f"kvmfleet {__version__}")
@@ -116,6 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     selftest.add_argument("--timeout", type=_positive_float, default=30.0, help="seconds to wait for the VM")
     selftest.add_argument("--json", action="store_true")
     selftest.set_defaults(func=cmd_selftest)
+
+    from .collectd_config import add_arguments as collectd_config_arguments
+
+    ccfg = sub.add_parser("collectd-config", help="print a collectd config fragment that loads the plugin",
+                          description="Print a <LoadPlugin python> and <Plugin python> fragment for collectd.conf "
+                                      "(see docs/plugin.md).")
+    collectd_config_arguments(ccfg)
+    ccfg.set_defaults(func=cmd_collectd_config)
     return parser
 
 

@@ -1,0 +1,314 @@
+#!/usr/bin/env python3
+"""What the collectd plugin costs per sample, against the core library's own sample cost, and how fast it encodes.
+
+Starts VMS real guests with VCPUS vCPUs each (kvmfleet-guestvmm, stats fds held like QEMU >= 8.1), then, in the
+same run and over the same VMs:
+
+* library: the CPU time of one ``Collector.sample()`` (source ``auto``, the plugin's default) in this process,
+  median of REPEAT;
+* collectd: Debian's collectd (``collectd -f``, ``Interval INTERVAL``) loading the plugin with per-VM and per-vCPU
+  on, shipping v1 to a null HTTP server in this process (answers 204, keeps the ``kvmfleet_agent`` lines) and,
+  for the dispatched values, collectd's ``network`` writer (UDP to a port nobody reads). Its process CPU time
+  (utime + stime of all its threads, /proc/<pid>/stat) over SAMPLES samples, minus an idle baseline (the same
+  collectd without the plugin, same wall time), divided by SAMPLES: the plugin's cost per sample inside collectd,
+  including the shipper thread and the writer's share of the dispatched values. Measured with ``Dispatch true``
+  (the default) and ``Dispatch false``. The plugin's own ``read_cpu_s`` (read thread CPU up to the agent point)
+  is shown too;
+* encoding: lines per second of the plugin's line-protocol path (:class:`kvmfleet.agent.PointBuilder`) against
+  influxdb-client's ``Point`` building the same lines (checked equal), over one sample of the fleet.
+
+Prints a table; the last lines are ``plugin_overhead_ratio=`` (plugin CPU per sample in collectd, dispatch on /
+library sample CPU) and ``encode_speedup=`` (Point time / PointBuilder time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+import re
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from kvmfleet.agent import AgentConfig, PointBuilder
+from kvmfleet.collectd_config import render
+from kvmfleet.collector import Collector
+from kvmfleet.guestvmm import launch_fleet
+from kvmfleet.sources import make_source
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class NullInflux:
+    """An HTTP server that answers every write with 204 and keeps the kvmfleet_agent lines it was sent."""
+
+    def __init__(self) -> None:
+        self.agent_lines: list[str] = []
+        self.lines = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                text = body.decode()
+                lines = text.split("\n")
+                sink.lines += len(lines)
+                sink.agent_lines.extend(t for t in lines if t.startswith("kvmfleet_agent,"))
+                self.send_response(204)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def agent_field(self, name: str) -> list[float]:
+        out = []
+        for text in self.agent_lines:
+            m = re.search(rf"[ ,]{name}=([0-9.e+-]+)i?[, ]", text)
+            if m:
+                out.append(float(m.group(1)))
+        return out
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def collectd_conf(workdir: str, interval: float, fragment: str) -> str:
+    path = os.path.join(workdir, "collectd.conf")
+    with open(path, "w") as f:
+        f.write(f"""Hostname "bench-hv"
+FQDNLookup false
+Interval {interval:g}
+AutoLoadPlugin false
+BaseDir "{workdir}"
+PIDFile "{workdir}/collectd.pid"
+LoadPlugin logfile
+<Plugin logfile>
+  LogLevel info
+  File "{workdir}/collectd.log"
+  PrintSeverity true
+</Plugin>
+LoadPlugin network
+<Plugin network>
+  Server "127.0.0.1" "9"
+</Plugin>
+{fragment}""")
+    return path
+
+
+def proc_cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def wait_for(check: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"error: timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def run_collectd(workdir: str, interval: float, fragment: str, samples: int, sink: NullInflux | None,
+                 wall: float | None = None, settle: float = 65.0) -> dict[str, float]:
+    """Run collectd; measure its CPU over ``samples`` samples (plugin) or over ``wall`` seconds (baseline)."""
+    os.makedirs(workdir, exist_ok=True)
+    conf = collectd_conf(workdir, interval, fragment)
+    exe = shutil.which("collectd") or "/usr/sbin/collectd"
+    proc = subprocess.Popen([exe, "-f", "-C", conf], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    launched = time.monotonic()
+    try:
+        if sink is None:
+            time.sleep(2 * interval)  # warm-up like the plugin runs get
+            c0, t0 = proc_cpu(proc.pid), time.monotonic()
+            time.sleep(wall or samples * interval)
+            return {"cpu": proc_cpu(proc.pid) - c0, "wall": time.monotonic() - t0}
+        start = len(sink.agent_lines)
+        wait_for(lambda: len(sink.agent_lines) >= start + 2, 300, "the first samples")
+        # warm-up: the statsfd source rescans the fds of processes younger than 60 s every sample, collectd's own
+        # (it holds the borrowed fds) included; measure the steady state after that
+        time.sleep(max(0.0, settle - (time.monotonic() - launched)))
+        first = len(sink.agent_lines)
+        c0, t0 = proc_cpu(proc.pid), time.monotonic()
+        wait_for(lambda: len(sink.agent_lines) >= first + samples, samples * interval * 4 + 60, "the samples")
+        c1, t1 = proc_cpu(proc.pid), time.monotonic()
+        n = len(sink.agent_lines) - first
+        read_cpu = statistics.median(sink.agent_field("read_cpu_s")[first - start:])
+        sample_s = statistics.median(sink.agent_field("sample_duration_s")[first - start:])
+        points = sink.agent_field("points")[-1]
+        dispatched = sink.agent_field("dispatched")[-1]
+        return {"cpu": c1 - c0, "wall": t1 - t0, "n": n, "read_cpu": read_cpu, "sample_s": sample_s,
+                "points": points, "dispatched": dispatched}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def cpu_timed(func: Callable[[], object], repeat: int) -> float:
+    """Median CPU seconds (this thread) of ``repeat`` calls after one warm-up."""
+    func()
+    runs = []
+    for _ in range(repeat):
+        c0 = time.thread_time()
+        func()
+        runs.append(time.thread_time() - c0)
+    return statistics.median(runs)
+
+
+def point_lines(sample: Any, hostname: str) -> list[str]:
+    """The same lines as PointBuilder(per_vcpu=True), built with influxdb-client's Point."""
+    from influxdb_client import Point  # type: ignore[attr-defined]
+
+    def one(measurement: str, tags: dict[str, str], stats: Any) -> str:
+        p = Point(measurement)
+        for k, v in tags.items():
+            p.tag(k, v)
+        for k, v in stats.items():
+            if isinstance(v, tuple):
+                for i, c in enumerate(v):
+                    if c:
+                        p.field(f"{k}_bucket_{i}", c)
+            else:
+                p.field(k, v)
+        return str(p.time(sample.time_ns).to_line_protocol())
+
+    base = {"host": hostname}
+    out = [one("kvm", base, sample.host)]
+    for vm in sample.vms:
+        ident = vm.identity
+        tags = {**base, "vm": ident.name, "vmm": ident.vmm}
+        if ident.uuid:
+            tags["vm_uuid"] = ident.uuid
+        out.append(one("kvm_vm", tags, vm.stats))
+        for vcpu in sorted(vm.vcpus):
+            out.append(one("kvm_vcpu", {**tags, "vcpu": str(vcpu)}, vm.vcpus[vcpu]))
+    return out
+
+
+def canon(text: str) -> tuple[str, frozenset[str], str]:
+    head, fields, ts = re.split(r"(?<!\\) ", text)
+    return head, frozenset(re.split(r"(?<!\\),", fields)), ts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--vms", type=int, default=200)
+    parser.add_argument("--vcpus", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=15, help="samples measured per collectd run")
+    parser.add_argument("--interval", type=float, default=2.0, help="collectd Interval, seconds")
+    parser.add_argument("--repeat", type=int, default=20, help="library samples / encodings timed")
+    parser.add_argument("--settle", type=float, default=65.0,
+                        help="measure once the VMMs and collectd are this old (seconds): the statsfd source rescans "
+                             "the fds of processes younger than 60 s every sample, older ones every 30 s")
+    args = parser.parse_args()
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = args.vms * (args.vcpus + 4) + 512  # the fleet's pipes here, the borrowed fds in collectd (inherits)
+    if soft < need:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(need, hard), hard))
+
+    work = tempfile.mkdtemp(prefix="kvmfleet-shipbench-")
+    sink = NullInflux()
+    started = time.perf_counter()
+    try:
+        with launch_fleet(args.vms, vcpus=args.vcpus, workload="halt", loops=100, name_prefix="shipbench") as fleet:
+            fleet.wait_ready(600)
+            start_s = time.perf_counter() - started
+            pids = set(fleet.pids)
+            time.sleep(max(0.0, args.settle - (time.perf_counter() - started)))
+
+            # -- library, in this process (the plugin's default source, auto)
+            collector = Collector(make_source("auto"))
+            first = collector.sample()
+            ours = [vm for vm in first.vms if vm.identity.key.pid in pids]
+            if len(ours) != args.vms or any(len(vm.vcpus) != args.vcpus for vm in ours):
+                print(f"error: saw {len(ours)} of {args.vms} VMs with all vCPUs", file=sys.stderr)
+                return 1
+
+            def full_sample() -> None:
+                for vm in collector.sample().vms:
+                    vm.stats.get("exits")  # force what a consumer forces: decode and vCPU sums
+
+            lib_cpu = cpu_timed(full_sample, args.repeat)
+
+            # -- encoding: PointBuilder vs influxdb-client Point, same sample, same lines
+            sample = collector.sample()
+            builder = PointBuilder(AgentConfig(per_vcpu=True), "bench-hv")
+            ours_lines = builder.build(sample).lines
+            theirs = point_lines(sample, "bench-hv")
+            if sorted(map(canon, ours_lines)) != sorted(map(canon, theirs)):
+                print("error: PointBuilder and Point lines differ", file=sys.stderr)
+                return 1
+            enc_ours = cpu_timed(lambda: builder.build(sample), max(5, args.repeat // 2))
+            enc_point = cpu_timed(lambda: point_lines(sample, "bench-hv"), max(3, args.repeat // 5))
+            nlines = len(ours_lines)
+            collector.close()
+
+            # -- inside collectd
+            common = [("PerVCPU", [True]), ("InfluxURL", [sink.url]), ("Database", ["kvm"]),
+                      ("SpoolPath", [os.path.join(work, "ship.spool")]), ("BufferLines", [1_000_000])]
+            on = run_collectd(os.path.join(work, "on"), args.interval, render(common), args.samples, sink,
+                              settle=args.settle)
+            off = run_collectd(os.path.join(work, "off"), args.interval,
+                               render([*common, ("Dispatch", [False])]), args.samples, sink, settle=args.settle)
+            idle = run_collectd(os.path.join(work, "idle"), args.interval, "", args.samples, None,
+                                wall=on["wall"])
+    finally:
+        sink.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    idle_rate = idle["cpu"] / idle["wall"]
+    per_on = (on["cpu"] - idle_rate * on["wall"]) / on["n"]
+    per_off = (off["cpu"] - idle_rate * off["wall"]) / off["n"]
+    ms = 1e3
+    print(f"{args.vms} VMs x {args.vcpus} vCPUs, per-VM and per-vCPU on; fleet started in {start_s:.0f} s; "
+          f"collectd Interval {args.interval:g} s, {args.samples} samples a run; {nlines} lines a sample")
+    print(f"{'what':<58} {'CPU ms/sample':>14}")
+    rows = [
+        ("library: Collector.sample() (source auto, this process)", lib_cpu * ms),
+        ("collectd + plugin, Dispatch true: process CPU - idle", per_on * ms),
+        (f"  of which the read thread (read_cpu_s; {on['dispatched']:.0f} values dispatched)", on["read_cpu"] * ms),
+        ("  Collector.sample() inside collectd (sample_duration_s, wall)", on["sample_s"] * ms),
+        ("collectd + plugin, Dispatch false: process CPU - idle", per_off * ms),
+        ("  of which the read thread (read_cpu_s)", off["read_cpu"] * ms),
+        ("collectd without the plugin (idle baseline), per interval", idle_rate * args.interval * ms),
+        (f"encoding {nlines} lines: kvmfleet PointBuilder", enc_ours * ms),
+        (f"encoding {nlines} lines: influxdb-client Point", enc_point * ms),
+    ]
+    for name, value in rows:
+        print(f"{name:<58} {value:>14.1f}")
+    print(f"encode throughput: PointBuilder {nlines / enc_ours:,.0f} lines/s, Point {nlines / enc_point:,.0f} lines/s")
+    print(f"plugin_overhead_ratio_no_dispatch={per_off / lib_cpu:.2f}")
+    print(f"plugin_overhead_ratio={per_on / lib_cpu:.2f}")
+    print(f"encode_speedup={enc_point / enc_ours:.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

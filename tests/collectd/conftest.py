@@ -1,0 +1,102 @@
+"""Real collectd + real servers + real KVM guests: every test here is marked ``server`` and ``kvm``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from tests.server.shiphelpers import INFLUX_PASSWORD, INFLUX_USER, secret_file
+from tests.support.servers import InfluxDB1, MissingBinary, VictoriaMetrics
+
+from kvmfleet.guestvmm import launch
+from kvmfleet.guestvmm.launcher import GuestProcess
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# The test guests: (suffix, vcpus, workload, loops). Each stops after its loops and keeps its stats fds, so
+# its halt_exits / mmio_exits stay exactly loops per vCPU for as long as it lives.
+GUESTS = (("halt-a", 2, "halt", 700), ("halt-b", 1, "halt", 1234), ("mmio-a", 2, "mmio", 321))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if str(item.path).startswith(HERE):
+            item.add_marker(pytest.mark.server)
+            item.add_marker(pytest.mark.kvm)
+
+
+@pytest.fixture(autouse=True)
+def _need_kvm_and_root() -> None:
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm on this machine")
+    if os.geteuid() != 0:
+        pytest.skip("the collectd tests need root (the plugin borrows stats fds with pidfd_getfd)")
+
+
+class Guests:
+    """The running test guests: ``names``, ``expected[name] = {"halt_exits": .., "mmio_exits": ..}`` per VM,
+    ``vcpus[name]``, ``loops[name]``."""
+
+    def __init__(self, prefix: str, members: list[tuple[GuestProcess, int, str, int]]) -> None:
+        self.prefix = prefix
+        self.members = members
+        self.names = [g.name for g, *_ in members]
+        self.vcpus = {g.name: v for g, v, _, _ in members}
+        self.loops = {g.name: n for g, _, _, n in members}
+        self.uuids = {g.name: g.uuid for g, *_ in members}
+        self.expected = {g.name: {"halt_exits": n * v if w == "halt" else 0, "mmio_exits": n * v if w == "mmio"
+                                  else 0} for g, v, w, n in members}
+
+
+@pytest.fixture(scope="module")
+def guests() -> Iterator[Guests]:
+    prefix = f"cdt{os.getpid()}"
+    members: list[tuple[GuestProcess, int, str, int]] = []
+    try:
+        for suffix, vcpus, workload, loops in GUESTS:
+            g = launch(f"{prefix}-{suffix}", vcpus=vcpus, workload=workload, loops=loops)
+            members.append((g, vcpus, workload, loops))
+        for g, *_ in members:
+            info = g.wait_ready(60)
+            assert info.get("state") == "done", info
+        yield Guests(prefix, members)
+    finally:
+        for g, *_ in members:
+            g.stop()
+
+
+@pytest.fixture
+def influxdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxDB1]:
+    """InfluxDB 1.6, auth on, database ``kvm``, writer user ``kvmwriter`` (password in ``password_file``)."""
+    try:
+        server = InfluxDB1(workdir=tmp_path_factory.mktemp("influxdb"), auth=True)
+    except MissingBinary as e:
+        pytest.fail(str(e))
+    server.start()
+    try:
+        server.create_database("kvm")
+        server.query(f"CREATE USER {INFLUX_USER} WITH PASSWORD '{INFLUX_PASSWORD}'")
+        server.query(f'GRANT WRITE ON "kvm" TO {INFLUX_USER}')
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def victoria(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetrics]:
+    try:
+        server = VictoriaMetrics(workdir=tmp_path_factory.mktemp("victoria"))
+    except MissingBinary as e:
+        pytest.fail(str(e))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def password_file(tmp_path: Path) -> str:
+    return secret_file(tmp_path, "influx.pass", INFLUX_PASSWORD)

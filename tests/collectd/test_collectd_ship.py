@@ -1,0 +1,171 @@
+"""collectd running the plugin on real guests ships exact counts to InfluxDB 1.6 (v1) and VictoriaMetrics (v2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from tests.collectd.cdhelpers import HOSTNAME, Collectd, unmatched, wait_for
+from tests.collectd.conftest import Guests
+from tests.server.shiphelpers import INFLUX_PASSWORD, INFLUX_USER, secret_file
+from tests.support.servers import InfluxDB1, VictoriaMetrics
+
+TOKEN = "vm-T0ken-0123456789abcdef-never-logged"
+AWKWARD_TAG = 'row "7", rack\\3 = a b'  # quotes, a backslash, comma, equals, spaces: through collectd's parser
+SUM_FIELDS = ("halt_exits", "mmio_exits", "exits", "insn_emulation")
+
+
+def v1_options(url: str, password_file: str, tmp_path: Path, **extra: Any) -> list[tuple[str, list[Any]]]:
+    opts: list[tuple[str, list[Any]]] = [
+        ("PerVCPU", [True]),
+        ("Tag", ["rack", AWKWARD_TAG]),
+        ("InfluxURL", [url]),
+        ("Database", ["kvm"]),
+        ("Username", [INFLUX_USER]),
+        ("PasswordFile", [password_file]),
+        ("SpoolPath", [str(tmp_path / "spool" / "ship.spool")]),
+        ("RetryMin", [0.2]),
+        ("RetryMax", [2]),
+    ]
+    opts = [(k, [extra.pop(k)] if k in extra else v) for k, v in opts]
+    return opts + [(k, [v]) for k, v in extra.items()]
+
+
+def influx_points(db: InfluxDB1, measurement: str, where: str = "") -> list[dict[str, Any]]:
+    q = f'SELECT * FROM "{measurement}" WHERE host = \'{HOSTNAME}\' {where} GROUP BY *'
+    return db.rows(q, db="kvm")
+
+
+def secrets_nowhere(secret: str, places: list[Path], allowed: set[str], cd: Collectd) -> None:
+    """``secret`` is not in collectd's log, not in any process's command line, and every file under ``places``
+    that holds it is one of ``allowed`` (the secret files themselves, mode 0600)."""
+    assert secret not in cd.log()
+    ps = subprocess.run(["ps", "-eo", "pid,args", "ww"], capture_output=True, text=True, check=True).stdout
+    assert secret not in ps
+    for place in places:
+        for root, _dirs, files in os.walk(place):
+            for name in files:
+                path = os.path.join(root, name)
+                try:
+                    data = Path(path).read_bytes()
+                except OSError:
+                    continue
+                if secret.encode() in data:
+                    assert path in allowed, f"{path} holds the secret"
+                    assert stat.S_IMODE(os.stat(path).st_mode) & 0o077 == 0, f"{path} is readable by others"
+
+
+def test_v1_influxdb16_exact_counts_totals_and_schema(guests: Guests, influxdb: InfluxDB1, password_file: str,
+                                                      tmp_path: Path) -> None:
+    cd = Collectd(tmp_path / "cd", v1_options(influxdb.url, password_file, tmp_path))
+    with cd:
+        wait_for("kvm_vm points of the test guests", lambda: len(influx_points(
+            influxdb, "kvm_vm", f"AND vm = '{guests.names[0]}'")) >= 4, 60)
+        took = cd.stop()
+    log = cd.log()
+    assert "[error]" not in log, log
+    assert f"kvmfleet: active on host {HOSTNAME}: source auto, per-VM on, per-vCPU on, dispatch on" in log
+    stopped = cd.log_lines("kvmfleet: stopped:")
+    assert stopped and " 0 lost" in stopped[0] and " 0 dropped (buffer full)" in stopped[0], stopped
+    assert took < 15
+
+    vm_rows = influx_points(influxdb, "kvm_vm")
+    ours = [r for r in vm_rows if r["vm"] in guests.names]
+    assert {r["vm"] for r in ours} == set(guests.names)
+    for r in ours:
+        assert {f: r[f] for f in ("halt_exits", "mmio_exits")} == guests.expected[r["vm"]], r
+        assert (r["vm_uuid"], r["vmm"], r["rack"]) == (guests.uuids[r["vm"]], "kvmfleet-guestvmm", AWKWARD_TAG)
+        assert isinstance(r["exits"], int) and r["exits"] >= r["halt_exits"] + r["mmio_exits"]
+
+    # host totals equal the sum over every VM on the host (not only ours) at the same timestamp
+    host_rows = influx_points(influxdb, "kvm")
+    assert len(host_rows) >= 4
+    by_time: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in vm_rows:
+        for f in SUM_FIELDS:
+            by_time[r["time"]][f] += r[f] or 0
+    for h in host_rows:
+        assert h["rack"] == AWKWARD_TAG
+        assert {f: h[f] for f in SUM_FIELDS} == dict(by_time[h["time"]]), h["time"]
+
+    # one point per host / VM / vCPU per sample, all stamped with the sample's time
+    times = sorted(h["time"] for h in host_rows)
+    assert len(set(times)) == len(times)
+    for name in guests.names:
+        assert sorted(r["time"] for r in ours if r["vm"] == name) == times
+    vcpu_rows = [r for r in influx_points(influxdb, "kvm_vcpu") if r["vm"] in guests.names]
+    assert len(vcpu_rows) == len(times) * sum(guests.vcpus.values())
+    for r in vcpu_rows:
+        per_vcpu = {k: v // guests.vcpus[r["vm"]] for k, v in guests.expected[r["vm"]].items()}
+        assert {f: r[f] for f in ("halt_exits", "mmio_exits")} == per_vcpu
+
+    facts = influx_points(influxdb, "kvm_host")
+    assert sorted(f["time"] for f in facts) == times
+    last = max(facts, key=lambda f: f["time"])
+    assert last["tdp_state"] in ("enabled", "disabled", "unsupported", "unknown")
+    assert last["vms"] >= len(guests.names) and last["vcpus"] >= sum(guests.vcpus.values())
+    assert isinstance(last["kvm_module"], str) and isinstance(last["is_guest"], bool)
+    agent = influx_points(influxdb, "kvmfleet_agent")
+    assert sorted(a["time"] for a in agent) == times
+    assert agent[-1]["last_error"] == "" and agent[-1]["dropped"] == 0 and agent[-1]["sample_duration_s"] > 0
+
+    # the same values went into collectd: csv has the per-VM derive, equal to what InfluxDB holds
+    name = guests.names[0]
+    csv_rows = cd.csv_values(f"kvm-{name}", "derive-halt_exits")
+    assert csv_rows and {v for _, v in csv_rows} == {guests.expected[name]["halt_exits"]}
+    assert len(csv_rows) == len(times) and not unmatched([round(t * 1000) for t, _ in csv_rows], times)
+
+    secrets_nowhere(INFLUX_PASSWORD, [tmp_path], {password_file}, cd)
+
+
+def test_v2_victoriametrics_exact_counts_and_totals(guests: Guests, victoria: VictoriaMetrics,
+                                                    tmp_path: Path) -> None:
+    token_file = secret_file(tmp_path, "influx.token", TOKEN)
+    opts: list[tuple[str, list[Any]]] = [
+        ("InfluxURL", [victoria.url]), ("InfluxAPI", ["v2"]), ("Org", ["kvmorg"]), ("Bucket", ["kvm"]),
+        ("TokenFile", [token_file]), ("SpoolPath", [str(tmp_path / "ship.spool")]), ("RetryMin", [0.2]),
+        ("RetryMax", [2]), ("Tag", ["cluster", "c1"]),
+    ]
+    cd = Collectd(tmp_path / "cd", opts)
+
+    def export(match: str) -> list[dict[str, Any]]:
+        return victoria.export(match, min_samples=0)
+
+    with cd:
+        wait_for("kvm_vm_halt_exits samples", lambda: sum(len(s["values"]) for s in export(
+            f'{{__name__="kvm_vm_halt_exits",vm="{guests.names[0]}"}}')) >= 4, 60)
+        cd.stop()
+    assert "[error]" not in cd.log(), cd.log()
+    victoria.force_flush()
+    series = export('{__name__=~"kvm_vm_(halt|mmio)_exits"}')
+    seen: dict[str, set[int]] = defaultdict(set)
+    for s in series:
+        m = s["metric"]
+        assert m["host"] == HOSTNAME and m["cluster"] == "c1"
+        if m["vm"] in guests.names:
+            field = m["__name__"][len("kvm_vm_"):]
+            assert set(s["values"]) == {guests.expected[m["vm"]][field]}, (m, s["values"][:5])
+            assert m["vm_uuid"] == guests.uuids[m["vm"]]
+            seen[m["vm"]].add(len(s["values"]))
+    assert set(seen) == set(guests.names)
+
+    host = {s["metric"]["__name__"]: dict(zip(s["timestamps"], s["values"]))
+            for s in export('{__name__=~"kvm_(halt|mmio)_exits"}')}
+    for field in ("halt_exits", "mmio_exits"):
+        sums: dict[int, float] = defaultdict(float)
+        for s in export(f'{{__name__="kvm_vm_{field}"}}'):
+            for ts, v in zip(s["timestamps"], s["values"]):
+                sums[ts] += v
+        assert host[f"kvm_{field}"] and host[f"kvm_{field}"] == dict(sums)
+    facts = export('{__name__="kvm_host_vms"}')
+    assert facts and min(facts[0]["values"]) >= len(guests.names)
+    # VictoriaMetrics keeps booleans as 1/0 and stores string fields as 0 (text lost): tdp_enabled is there for it
+    assert export('{__name__="kvm_host_tdp_enabled"}') and export('{__name__="kvm_host_is_guest"}')
+    assert {v for s in export('{__name__="kvm_host_tdp_state"}') for v in s["values"]} == {0}
+    secrets_nowhere(TOKEN, [tmp_path], {token_file}, cd)
+    assert TOKEN not in json.dumps(series)
