@@ -42,6 +42,7 @@ demo-stop:
 
 bench: install
 	$(BIN)/python bench/read_cost.py
+	$(BIN)/python bench/ship_cost.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
