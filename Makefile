@@ -8,22 +8,31 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install deps lint typecheck test unit demo demo-stop bench clean
+.PHONY: install deps lint typecheck test unit demo demo-stop bench bench-deploy ansible-lint molecule clean
 
 # Debian packages the suite needs (servers, collectd, debootstrap, venv support)
 deps:
 	./scripts/install-deps
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml requirements-ansible.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test]' -r requirements-ansible.txt
 	touch $(STAMP)
 
 install: $(STAMP)
 
 lint: install
 	$(BIN)/ruff check plugins tests bench
+
+# also run by `make test` (tests/ansible/test_lint.py); here for a quick look
+ansible-lint: install
+	PATH=$(BIN):$$PATH $(BIN)/yamllint -s roles playbooks inventories molecule
+	PATH=$(BIN):$$PATH $(BIN)/ansible-lint
+
+# the simulated fleet: create, converge, idempotence, verify, destroy (also run by `make test`)
+molecule: deps install
+	PATH=$(BIN):$$PATH $(BIN)/molecule test
 
 typecheck: install
 	$(BIN)/mypy
@@ -40,9 +49,12 @@ demo: install
 demo-stop:
 	./scripts/demo --stop
 
-bench: install
+bench: deps install
 	$(BIN)/python bench/read_cost.py
 	$(BIN)/python bench/ship_cost.py
+
+bench-deploy: deps install
+	bench/deploy_time.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
