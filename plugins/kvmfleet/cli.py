@@ -91,6 +91,24 @@ def cmd_collectd_config(args: argparse.Namespace) -> int:
     return collectd_config_main(args)
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit.cli import run_audit_command
+
+    return run_audit_command(args)
+
+
+def cmd_queries(args: argparse.Namespace) -> int:
+    from .audit.cli import run_queries_command
+
+    return run_queries_command(args)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from .audit.cli import run_explain_command
+
+    return run_explain_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmfleet", description="KVM statistics for hypervisor fleets.")
     parser.add_argument("--version", action="version", version=f"kvmfleet {__version__}")
@@ -130,6 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(see docs/plugin.md).")
     collectd_config_arguments(ccfg)
     ccfg.set_defaults(func=cmd_collectd_config)
+
+    from .audit.cli import add_audit_args, add_explain_args, add_queries_args
+
+    audit = sub.add_parser("audit", help="audit the fleet in InfluxDB: shadow paging, EPT/NPT, I/O, interrupts, ...",
+                           description="Run the query pack against InfluxDB and the rules against the answers. Exit "
+                                       "status 0: nothing at or above --fail-on; 1: findings; 2: errors.")
+    add_audit_args(audit)
+    audit.set_defaults(func=cmd_audit)
+
+    queries = sub.add_parser("queries", help="print the InfluxQL query pack with the window and filters filled in")
+    add_queries_args(queries)
+    queries.set_defaults(func=cmd_queries)
+
+    explain = sub.add_parser("explain", help="what a KVM counter (or an audit rule) means")
+    add_explain_args(explain)
+    explain.set_defaults(func=cmd_explain)
     return parser
 
 

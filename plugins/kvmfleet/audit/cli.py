@@ -1,0 +1,206 @@
+"""Arguments and bodies of ``kvmfleet audit``, ``kvmfleet queries`` and ``kvmfleet explain``.
+
+Exit status of ``audit``: 0 when no finding is at or above ``--fail-on``, 1 when there is one, 2 on errors (bad
+arguments, InfluxDB unreachable, a query refused) with a message on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from typing import TextIO
+
+from ..querypack import (
+    SEVERITIES,
+    PackError,
+    QueryParams,
+    explain_text,
+    find_counter,
+    get_query,
+    load_counters,
+    load_queries,
+    load_rules,
+)
+
+EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
+
+
+def _err(prog: str, message: str) -> int:
+    print(f"kvmfleet {prog}: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+# ------------------------------------------------------------------------------------------------ audit
+def add_audit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--url", required=True, help="InfluxDB base URL, http(s)://host:port[/path] (no credentials)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--database", metavar="DB", help="InfluxDB 1.x database (or a 3.x database)")
+    where.add_argument("--bucket", metavar="B", help="InfluxDB 2.x bucket, queried through /query with its DBRP "
+                                                     "mapping (the bucket name as database)")
+    p.add_argument("--retention-policy", metavar="RP", help="retention policy (default: the database's default)")
+    p.add_argument("--org", metavar="O", help="InfluxDB 2.x organization (with --bucket)")
+    auth = p.add_mutually_exclusive_group()
+    auth.add_argument("--token-file", metavar="F", help="file holding an API token alone on one line (2.x/3.x)")
+    auth.add_argument("--username", metavar="U", help="InfluxDB 1.x user (with --password-file)")
+    p.add_argument("--password-file", metavar="F", help="file holding the password of --username")
+    p.add_argument("--window", default="1h", help="how far back to look: an InfluxQL duration (default 1h)")
+    p.add_argument("--host-regex", default=".*", metavar="RE", help="only hosts whose name matches (default all)")
+    p.add_argument("--format", choices=("table", "json", "markdown", "html"), default="table")
+    p.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE instead of stdout")
+    p.add_argument("--fail-on", choices=("warning", "critical"), default="warning",
+                   help="exit 1 when a finding is at least this severe (default warning)")
+    p.add_argument("--rules", metavar="ID[,ID...]", help="only these rules (default all; kvmfleet queries --rules "
+                                                          "lists them)")
+    p.add_argument("--thresholds", action="append", default=[], metavar="FILE",
+                   help="YAML file of threshold overrides, {rule-id: {key: value}} (repeatable)")
+    p.add_argument("--set", action="append", default=[], dest="set_thresholds", metavar="RULE.KEY=VALUE",
+                   help="override one threshold (repeatable), e.g. shadow-paging.warning_per_exit=0.01")
+    p.add_argument("--ca-file", metavar="F", help="PEM bundle to verify the server's certificate with")
+    p.add_argument("--no-verify-tls", action="store_true", help="do not verify the server's certificate (unsafe)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="per request (default 60)")
+    p.add_argument("--parallel", type=int, default=4, metavar="N", help="requests in flight at once (default 4)")
+
+
+def run_audit_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    from .client import AuditError, Connection, InfluxQLClient, read_secret_file
+    from .engine import AuditOptions, run_audit
+    from .report import render
+
+    out = out or sys.stdout
+    try:
+        if args.bucket and not args.org:
+            return _err("audit", "--bucket needs --org")
+        if args.org and not args.bucket:
+            return _err("audit", "--org goes with --bucket (InfluxDB 2.x); use --database for 1.x")
+        if args.username and not args.password_file:
+            return _err("audit", "--username needs --password-file (secrets are read from files only)")
+        if args.password_file and not args.username:
+            return _err("audit", "--password-file needs --username")
+        if args.parallel < 1:
+            return _err("audit", "--parallel must be at least 1")
+        if args.timeout <= 0:
+            return _err("audit", "--timeout must be > 0")
+        rules = load_rules(args.thresholds, args.set_thresholds)
+        only = None
+        if args.rules:
+            only = [r.strip() for r in args.rules.split(",") if r.strip()]
+            unknown = [r for r in only if r not in rules]
+            if unknown:
+                return _err("audit", f"unknown rule(s) {', '.join(unknown)}; known: {', '.join(rules)}")
+        token = read_secret_file(args.token_file, "--token-file") if args.token_file else None
+        password = read_secret_file(args.password_file, "--password-file") if args.password_file else None
+        conn = Connection(url=args.url, database=args.database, retention_policy=args.retention_policy,
+                          bucket=args.bucket, org=args.org, token=token, username=args.username, password=password,
+                          ca_file=args.ca_file, verify_tls=not args.no_verify_tls, timeout=args.timeout)
+        if args.ca_file and not os.path.isfile(args.ca_file):
+            return _err("audit", f"--ca-file {args.ca_file!r} does not exist")
+        client = InfluxQLClient(conn)
+        try:
+            options = AuditOptions(window=args.window, host_regex=args.host_regex,
+                                   retention_policy=args.retention_policy, rules=rules, only=only,
+                                   charts=args.format == "html", parallel=args.parallel)
+            result = run_audit(client, options, source=conn.describe())
+        finally:
+            client.close()
+        text = render(result, args.format, args.fail_on)
+        if args.output:
+            tmp = f"{args.output}.tmp{os.getpid()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.replace(tmp, args.output)
+            print(f"kvmfleet audit: report written to {args.output}: "
+                  f"{result.count('critical')} critical, {result.count('warning') - result.count('critical')} "
+                  f"warning", file=sys.stderr)
+        else:
+            out.write(text)
+            out.flush()
+    except (PackError, AuditError) as e:
+        return _err("audit", str(e))
+    except OSError as e:
+        return _err("audit", f"{e.filename or ''}: {e.strerror or e}")
+    return EXIT_FINDINGS if result.count(args.fail_on) else EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ queries
+def add_queries_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="one query of the pack (default: all of them)")
+    p.add_argument("--window", default="1h", help="InfluxQL duration for ${window} (default 1h)")
+    p.add_argument("--host-regex", default=".*", metavar="RE", help="regex for ${host_regex} (default .*)")
+    p.add_argument("--retention-policy", metavar="RP", help="qualify measurements with this retention policy")
+    p.add_argument("--interval", help="GROUP BY time() bucket for ${interval} (default: window/60, >= 10s)")
+    p.add_argument("--list", action="store_true", help="names and titles only")
+    p.add_argument("--rules", action="store_true", help="the rules, their queries and thresholds")
+    p.add_argument("--thresholds", action="append", default=[], metavar="FILE",
+                   help="with --rules: show the thresholds after these overrides")
+    p.add_argument("--no-comments", action="store_true", help="statements only, without the explanations")
+
+
+def run_queries_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    try:
+        if args.rules:
+            rules = load_rules(args.thresholds)
+            for rule in rules.values():
+                out.write(f"{rule.id} ({rule.severity} at most): {rule.title}\n")
+                out.write(f"  queries: {', '.join(rule.queries)}\n")
+                for k, v in rule.thresholds.items():
+                    mark = "  (overridden)" if k in rule.overridden else ""
+                    out.write(f"  {k} = {v:g}{mark}\n")
+                out.write("\n")
+            return EXIT_OK
+        queries = load_queries()
+        if args.list:
+            width = max(len(n) for n in queries)
+            for q in queries.values():
+                out.write(f"{q.name:<{width}}  {q.stage:<6}  {q.title}\n")
+            return EXIT_OK
+        params = QueryParams(window=args.window, host_regex=args.host_regex,
+                             retention_policy=args.retention_policy, interval=args.interval)
+        chosen = [get_query(args.name)] if args.name else list(queries.values())
+        texts = []
+        for q in chosen:
+            text = q.render(params, comments=not args.no_comments).rstrip()
+            texts.append(text if text.endswith(";") or len(chosen) == 1 else text + ";")
+        out.write("\n\n".join(texts) + "\n")
+    except PackError as e:
+        return _err("queries", str(e))
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------------------------------------ explain
+def add_explain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("counter", nargs="?", help="a KVM counter (exits, mmu_pte_write, ...) or an audit rule id")
+    p.add_argument("--list", action="store_true", help="every counter with notes")
+
+
+def run_explain_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    try:
+        if args.list or not args.counter:
+            if not args.list:
+                return _err("explain", "name a counter (kvmfleet explain --list shows them)")
+            for doc in load_counters().values():
+                old = f" (old: {', '.join(doc.old)})" if doc.old else ""
+                out.write(f"{doc.name}{old}: {textwrap.shorten(doc.counts, 90)}\n")
+            return EXIT_OK
+        rules = load_rules()
+        if args.counter in rules:
+            rule = rules[args.counter]
+            out.write(f"{rule.id}: {rule.title} ({rule.severity} at most)\n\n")
+            out.write(textwrap.fill(" ".join(rule.explanation.split()), 100) + "\n\n")
+            out.write(textwrap.fill("What to do: " + " ".join(rule.remedy.split()), 100) + "\n")
+            if rule.thresholds:
+                out.write("\nThresholds: " + ", ".join(f"{k}={v:g}" for k, v in rule.thresholds.items()) + "\n")
+            return EXIT_OK
+        out.write(explain_text(find_counter(args.counter)) + "\n")
+    except PackError as e:
+        return _err("explain", str(e))
+    return EXIT_OK
+
+
+__all__ = [
+    "EXIT_ERROR", "EXIT_FINDINGS", "EXIT_OK", "SEVERITIES", "add_audit_args", "add_explain_args", "add_queries_args",
+    "run_audit_command", "run_explain_command", "run_queries_command",
+]

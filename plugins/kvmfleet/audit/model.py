@@ -1,0 +1,157 @@
+"""What the audit knows about each host, and what it finds."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..querypack import SEVERITIES
+
+# Old kernels' names of counters the rules read (KERNEL-NOTES.md): new name -> old names.
+ALIASES = {"irq_window_exits": ("irq_window",), "request_irq_exits": ("request_irq",)}
+
+
+def severity_rank(severity: str) -> int:
+    return SEVERITIES.index(severity) if severity in SEVERITIES else -1
+
+
+def finite(value: Any) -> float | None:
+    """A finite float, or None (null, strings, NaN, infinities)."""
+    if value is None or isinstance(value, (bool, str)):
+        return None
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
+
+
+# Instant values among the columns the pack reads: the last value is kept, not an increase.
+INSTANT = frozenset({"mmu_unsync"})
+
+
+@dataclass
+class VMData:
+    vm: str
+    increases: dict[str, float | None] = field(default_factory=dict)
+    instant: dict[str, float | None] = field(default_factory=dict)
+    reset: bool = False  # last < first: the VM restarted in the window, its increases are understated
+    source: str = "kvm_vm"
+
+    def rate(self, name: str, span_s: float | None) -> float | None:
+        inc = self.increases.get(name)
+        if inc is None or span_s is None or span_s <= 0:
+            return None
+        return max(0.0, inc) / span_s
+
+
+@dataclass
+class HostData:
+    """One host's numbers over the window: the increase of each counter between its first and its last sample
+    (``increases``), the times of those samples, resets, facts and per-VM detail. ``exact_rates`` holds per-second
+    rates measured over every sample (hosts whose counters restarted); :meth:`rate` prefers them."""
+
+    host: str
+    t_first: float | None = None
+    t_last: float | None = None
+    increases: dict[str, float | None] = field(default_factory=dict)
+    exact_rates: dict[str, float | None] = field(default_factory=dict)
+    instant: dict[str, float | None] = field(default_factory=dict)
+    facts: dict[str, Any] = field(default_factory=dict)
+    has_facts: bool = False
+    vms: dict[str, VMData] = field(default_factory=dict)
+    reset: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def span_s(self) -> float | None:
+        if self.t_first is None or self.t_last is None:
+            return None
+        span = self.t_last - self.t_first
+        return span if span > 0 else None
+
+    @property
+    def vcpus(self) -> float | None:
+        """vCPUs of the host when known and > 0 (0 means "not seen one by one", i.e. unknown)."""
+        v = finite(self.facts.get("vcpus"))
+        return v if v is not None and v > 0 else None
+
+    def has(self, name: str) -> bool:
+        return self.increases.get(name) is not None or self.exact_rates.get(name) is not None or any(
+            self.increases.get(a) is not None for a in ALIASES.get(name, ()))
+
+    def rate(self, name: str) -> float | None:
+        """Per-second rate of a cumulative counter over the window (old names tolerated); None if not known."""
+        if name in self.exact_rates:
+            return self.exact_rates[name]
+        inc = self.increases.get(name)
+        if inc is None:
+            for alias in ALIASES.get(name, ()):
+                inc = self.increases.get(alias)
+                if inc is not None:
+                    break
+        if inc is None or self.span_s is None:
+            return None
+        return max(0.0, inc) / self.span_s
+
+    def per_vcpu(self, value: float | None) -> float | None:
+        return ratio(value, self.vcpus)
+
+    def fact(self, name: str) -> Any:
+        return self.facts.get(name)
+
+
+@dataclass
+class Finding:
+    host: str
+    rule: str
+    severity: str
+    title: str
+    summary: str
+    evidence: dict[str, Any]
+    vms: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    counters: list[str] = field(default_factory=list)  # what the HTML report charts
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"host": self.host, "rule": self.rule, "severity": self.severity,
+                               "title": self.title, "summary": self.summary, "evidence": self.evidence}
+        if self.vms:
+            out["vms"] = self.vms
+        if self.notes:
+            out["notes"] = self.notes
+        return out
+
+
+@dataclass
+class Skipped:
+    host: str
+    rule: str
+    reason: str
+
+    def to_dict(self) -> dict[str, str]:
+        return {"host": self.host, "rule": self.rule, "reason": self.reason}
+
+
+def rounded(value: Any, digits: int = 4) -> Any:
+    """Numbers made readable for evidence: floats to ``digits`` significant digits, ints kept."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return None
+        if value == 0:
+            return 0.0
+        return float(f"{value:.{digits}g}")
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list):
+        return [rounded(v, digits) for v in value]
+    return value
