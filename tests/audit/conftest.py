@@ -8,7 +8,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
-from tests.support.servers import InfluxDB1, MissingBinary
+from tests.support.fixtures import running
+from tests.support.servers import InfluxDB1
 
 from kvmfleet.audit import synthetic as sy
 from kvmfleet.audit.client import Connection, InfluxQLClient
@@ -21,15 +22,8 @@ _db_numbers = itertools.count(1)
 @pytest.fixture(scope="session")
 def audit_influx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxDB1]:
     """InfluxDB 1.6 without auth, shared by the audit tests (each writes its own database)."""
-    try:
-        server = InfluxDB1(workdir=tmp_path_factory.mktemp("audit-influxdb"))
-    except MissingBinary as e:
-        pytest.fail(str(e))
-    server.start()
-    try:
+    with running(lambda: InfluxDB1(workdir=tmp_path_factory.mktemp("audit-influxdb"))) as server:
         yield server
-    finally:
-        server.close()
 
 
 def write_fleet(server: InfluxDB1, hosts: Sequence[sy.HostSpec], minutes: int = 60, step: int = 10,

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.server.shiphelpers import INFLUX_PASSWORD, INFLUX_USER, secret_file
-from tests.support.servers import InfluxDB1, MissingBinary, VictoriaMetrics
+from tests.server.shiphelpers import INFLUX_PASSWORD, secret_file
+from tests.support.fixtures import influxdb, victoria  # noqa: F401  (shared fixtures)
 
 from kvmfleet.guestvmm import launch
 from kvmfleet.guestvmm.launcher import GuestProcess
@@ -65,36 +65,6 @@ def guests() -> Iterator[Guests]:
     finally:
         for g, *_ in members:
             g.stop()
-
-
-@pytest.fixture
-def influxdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxDB1]:
-    """InfluxDB 1.6, auth on, database ``kvm``, writer user ``kvmwriter`` (password in ``password_file``)."""
-    try:
-        server = InfluxDB1(workdir=tmp_path_factory.mktemp("influxdb"), auth=True)
-    except MissingBinary as e:
-        pytest.fail(str(e))
-    server.start()
-    try:
-        server.create_database("kvm")
-        server.query(f"CREATE USER {INFLUX_USER} WITH PASSWORD '{INFLUX_PASSWORD}'")
-        server.query(f'GRANT WRITE ON "kvm" TO {INFLUX_USER}')
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-def victoria(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetrics]:
-    try:
-        server = VictoriaMetrics(workdir=tmp_path_factory.mktemp("victoria"))
-    except MissingBinary as e:
-        pytest.fail(str(e))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

@@ -6,46 +6,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.server.shiphelpers import INFLUX_PASSWORD, INFLUX_USER, secret_file
+from tests.server.shiphelpers import INFLUX_PASSWORD, secret_file
+from tests.support.fixtures import influxdb, victoria  # noqa: F401  (shared fixtures)
 from tests.support.servers import (
     BlackholeServer,
-    InfluxDB1,
     MissingBinary,
-    VictoriaMetrics,
     make_self_signed_cert,
 )
-
-
-@pytest.fixture
-def influxdb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxDB1]:
-    """InfluxDB 1.6 with auth on, database ``kvm`` (retention policies ``autogen`` and ``rp1``) and a writer
-    user ``kvmwriter`` allowed to write it."""
-    try:
-        server = InfluxDB1(workdir=tmp_path_factory.mktemp("influxdb"), auth=True)
-    except MissingBinary as e:
-        pytest.fail(str(e))
-    server.start()
-    try:
-        server.create_database("kvm")
-        server.query('CREATE RETENTION POLICY "rp1" ON "kvm" DURATION 0s REPLICATION 1')
-        server.query(f"CREATE USER {INFLUX_USER} WITH PASSWORD '{INFLUX_PASSWORD}'")
-        server.query(f'GRANT WRITE ON "kvm" TO {INFLUX_USER}')
-        yield server
-    finally:
-        server.close()
-
-
-@pytest.fixture
-def victoria(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VictoriaMetrics]:
-    try:
-        server = VictoriaMetrics(workdir=tmp_path_factory.mktemp("victoria"))
-    except MissingBinary as e:
-        pytest.fail(str(e))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture

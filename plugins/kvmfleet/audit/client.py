@@ -11,15 +11,15 @@ from __future__ import annotations
 import base64
 import http.client
 import json
-import os
 import socket
 import ssl
-import stat
 import threading
 import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from .. import secretfile
 
 USER_AGENT = "kvmfleet-audit/0.1"
 MAX_BODY = 256 << 20
@@ -32,23 +32,9 @@ class AuditError(RuntimeError):
 def read_secret_file(path: str, what: str) -> str:
     """The secret alone on one line in ``path``; :class:`AuditError` naming the file (never the secret)."""
     try:
-        st = os.stat(path)
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-        raise AuditError(f"{what} {path!r} cannot be read: {reason}") from None
-    secret = text.strip("\r\n")
-    if not secret.strip():
-        raise AuditError(f"{what} {path!r} is empty")
-    if "\n" in secret:
-        raise AuditError(f"{what} {path!r} must hold the secret alone on one line")
-    if st.st_mode & 0o077:
-        import logging
-
-        logging.getLogger("kvmfleet.audit").warning("%s %s is readable by group or others (mode %04o)", what, path,
-                                                    stat.S_IMODE(st.st_mode))
-    return secret
+        return secretfile.read_secret(path, what)
+    except secretfile.SecretFileError as err:
+        raise AuditError(str(err)) from None
 
 
 @dataclass

@@ -23,10 +23,11 @@ import logging
 import os
 import socket
 import ssl
-import stat
 import threading
 import urllib.parse
 from typing import Any, Protocol
+
+from .. import secretfile
 
 log = logging.getLogger("kvmfleet.ship.writers")
 
@@ -78,25 +79,11 @@ class Writer(Protocol):
 
 
 def read_secret(path: str, what: str) -> str:
-    """The secret in ``path`` (surrounding newlines removed). Errors name the file; warns if others can read it."""
-    if not path:
-        raise ShipConfigError(f"{what}: no file given")
+    """The secret in ``path``; :class:`ShipConfigError` naming the file (never the secret) if unusable."""
     try:
-        st = os.stat(path)
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else type(e).__name__
-        raise ShipConfigError(f"{what} {path!r} cannot be read: {reason}") from None
-    secret = text.strip("\r\n")
-    if not secret.strip():
-        raise ShipConfigError(f"{what} {path!r} is empty")
-    if "\n" in secret:
-        raise ShipConfigError(f"{what} {path!r} must hold the secret alone on one line")
-    if st.st_mode & 0o077:
-        log.warning("%s %s is readable by group or others (mode %04o): chmod 600 it", what, path,
-                    stat.S_IMODE(st.st_mode))
-    return secret
+        return secretfile.read_secret(path, what)
+    except secretfile.SecretFileError as err:
+        raise ShipConfigError(str(err)) from None
 
 
 def _retry_after(value: str | None) -> float | None:
