@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -137,6 +138,10 @@ def test_wheel_builder_is_reproducible_and_cached(tmp_path):
     assert all(w.endswith(".whl") for w in a["wheels"])
     sums_a = (Path(a["dir"]) / "SHA256SUMS").read_text()
     assert sums_a == (Path(b["dir"]) / "SHA256SUMS").read_text()
+    tar_a = (Path(a["dir"]) / "wheels.tar").read_bytes()
+    assert tar_a == (Path(b["dir"]) / "wheels.tar").read_bytes()  # the hosts get it only when a wheel changed
+    with tarfile.open(Path(a["dir"]) / "wheels.tar") as tar:
+        assert sorted(tar.getnames()) == sorted([*a["wheels"], "requirements.txt"])
     assert any(r.startswith("kvmfleet==") for r in a["requirements"])
     again = build(tmp_path / "a")
     assert not again["changed"]

@@ -9,7 +9,8 @@ SOURCE_DATE_EPOCH, so the same source always gives the same bytes, and downloads
 dependencies for the *target's* Python version, CPU and glibc (``pip download --only-binary=:all:``:
 pure-Python wheels and manylinux wheels both work; a dependency with no wheel for the target fails
 clearly). The result lives in ``DIR/cpXY-MACHINE-glibcG/``: ``wheels/*.whl``, ``requirements.txt``
-(``name==version`` per wheel), ``SHA256SUMS`` (of the wheels) and ``manifest.json`` (the same plus the stamp).
+(``name==version`` per wheel), ``SHA256SUMS`` (of the wheels), ``manifest.json`` (the same plus the stamp) and
+``wheels.tar`` (the wheels and requirements.txt in one file: one transfer per host instead of one per wheel).
 
 The build is skipped when the manifest's stamp (a hash of the source files, the target and the pip
 arguments) matches and every wheel is intact, so a re-run costs no network and no time. Prints one JSON
@@ -28,10 +29,11 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01, the earliest date a zip file can hold
 ROOT_FILES = ("setup.cfg", "setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "LICENSE")
 SOURCE_DIRS = ("plugins",)
@@ -104,7 +106,20 @@ def intact(out: Path, manifest: dict | None) -> bool:
         p = out / "wheels" / name
         if not p.is_file() or sha256(p) != digest:
             return False
-    return (out / "requirements.txt").is_file() and (out / "SHA256SUMS").is_file()
+    return all((out / name).is_file() for name in ("requirements.txt", "SHA256SUMS", "wheels.tar"))
+
+
+def write_tar(path: Path, files: list[Path]) -> None:
+    """An uncompressed tar of ``files`` (flat), with fixed owners and times so equal inputs give equal bytes."""
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for f in files:
+            info = tar.gettarinfo(str(f), arcname=f.name)
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            info.mode = 0o644
+            info.mtime = int(SOURCE_DATE_EPOCH)
+            with open(f, "rb") as data:
+                tar.addfile(info, data)
 
 
 def build(args: argparse.Namespace, stamp: dict, tmp: Path) -> dict:
@@ -139,6 +154,7 @@ def build(args: argparse.Namespace, stamp: dict, tmp: Path) -> dict:
     (tmp / "out" / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     # what the hosts get next to the wheels: changes exactly when a wheel does
     (tmp / "out" / "SHA256SUMS").write_text("".join(f"{d}  {n}\n" for n, d in sorted(manifest["wheels"].items())))
+    write_tar(tmp / "out" / "wheels.tar", [*files, tmp / "out" / "requirements.txt"])
     return manifest
 
 
