@@ -43,8 +43,9 @@ unit: install
 test: deps install lint typecheck
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
-demo: install
-	./scripts/demo
+# `make demo STOP=1` is `make demo-stop`
+demo: $(if $(STOP),,deps install)
+	./scripts/demo $(if $(STOP),--stop)
 
 demo-stop:
 	./scripts/demo --stop
