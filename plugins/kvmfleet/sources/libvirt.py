@@ -57,6 +57,8 @@ def import_libvirt() -> ModuleType | None:
         import libvirt
     except ImportError:
         return None
+    if not hasattr(libvirt, "virConnect"):  # something else named libvirt (a directory on sys.path)
+        return None
     # libvirt's default error handler prints every failed call to stderr; errors are reported through
     # the exceptions (and said once) instead
     libvirt.registerErrorHandler(_quiet, None)
