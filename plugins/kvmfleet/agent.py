@@ -77,8 +77,6 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("Source", "choice", "auto", "where to read the counters", choices=SOURCE_NAMES),
-    Option("LibvirtURI", "string", DEFAULT_URI,
-           "libvirt connection of the libvirt source and of auto's libvirt part"),
     Option("PerVM", "bool", True, "per-VM values (measurement kvm_vm, plugin_instance NAME)"),
     Option("PerVCPU", "bool", False, "per-vCPU values (measurement kvm_vcpu; shipped only, not dispatched)"),
     Option("Include", "regex", (), "only counters whose name matches one of these regexes", repeat=True),
@@ -88,6 +86,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("Histograms", "bool", True, "ship histogram buckets as <name>_bucket_<n> fields"),
     Option("FactsInterval", "seconds", 300.0, "seconds between two reads of the host facts"),
     Option("Interval", "seconds", None, "seconds between two samples (default: collectd's Interval)"),
+    Option("LibvirtURI", "string", DEFAULT_URI,
+           "libvirt connection of the libvirt source and of auto's libvirt part"),
     Option("InfluxURL", "url", None, "InfluxDB base URL; absent: no shipping"),
     Option("InfluxAPI", "choice", "v1", "v1 (/write) or v2 (influxdb-client)", choices=("v1", "v2"),
            shipping=True),

@@ -89,9 +89,11 @@ def parse_key(key: str) -> _Key | str | None:
     """A KVM stat key, or None for libvirt's own fields (silently left out), or a string saying why an
     unknown key is skipped."""
     parts = key.split(".")
-    if len(parts) < 3:
-        return None if key in ("vcpu.current", "vcpu.maximum") else f"unknown key {key!r}"
     scope = parts[0]
+    if scope not in ("vm", "vcpu") or key in ("vcpu.current", "vcpu.maximum"):
+        return None  # other groups' keys, should a caller ask for them
+    if len(parts) < 3:
+        return f"unknown key {key!r}"
     if scope == "vm" and len(parts) == 3:
         vcpu, name, suffix = -1, parts[1], parts[2]
     elif scope == "vcpu" and parts[1].isdigit():
@@ -101,7 +103,7 @@ def parse_key(key: str) -> _Key | str | None:
             return f"unknown vCPU key {key!r}"
         vcpu, name, suffix = int(parts[1]), parts[2], parts[3]
     else:
-        return None if scope not in ("vm", "vcpu") else f"unknown key {key!r}"
+        return f"unknown key {key!r}"
     kind = SUFFIX_TYPES.get(suffix)
     if kind is None or not name:
         return f"unknown statistic type {suffix!r} in {key!r}"
