@@ -14,10 +14,12 @@ PYTEST_ARGS ?=
 deps:
 	./scripts/install-deps
 
+# --system-site-packages: the libvirt source needs Debian's python3-libvirt (the role makes the hosts' venv the same
+# way); --ignore-installed keeps every other package the venv's own, whatever the system has in dist-packages.
 $(STAMP): setup.cfg pyproject.toml requirements-ansible.txt
-	$(PYTHON) -m venv $(VENV)
+	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]' -r requirements-ansible.txt
+	$(BIN)/pip install --quiet --ignore-installed -e '.[test]' -r requirements-ansible.txt
 	touch $(STAMP)
 
 install: $(STAMP)

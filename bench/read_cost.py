@@ -14,6 +14,12 @@ then measures, in the same run and over the same VMs:
 
 Prints a table, then ``read_cost_ratio`` (statsfd read / floor, target <= 3), ``debugfs_style_ratio``
 (debugfs-style / statsfd read) and ``sample_cost_ratio`` (collector sample / floor).
+
+``--libvirt N`` (opt-in: needs libvirtd, QEMU and ``scripts/install-deps``; about a second per domain to
+start) then starts N real QEMU domains under libvirtd (64 MiB, 2 vCPUs, no disk, SeaBIOS) after the
+guests above are gone, and times one libvirt sample (``getAllDomainStats`` with the VM and vCPU groups,
+parsed into readings): ``libvirt_sample_ms``, per domain, and ``libvirt_per_vm_ratio`` against the statsfd
+read per VM of the same run. If fewer than N domains start, it measures those and says so.
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ from typing import Callable
 from kvmfleet.collector import Collector
 from kvmfleet.guestvmm import launch_fleet
 from kvmfleet.model import StatType
-from kvmfleet.sources import DebugfsSource, StatsfdSource
+from kvmfleet.sources import DebugfsSource, LibvirtSource, StatsfdSource
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.support.libvirtd
 
 
 def timed(func: Callable[[], object], repeat: int) -> float:
@@ -66,6 +74,8 @@ def main() -> int:
     parser.add_argument("--vms", type=int, default=200)
     parser.add_argument("--vcpus", type=int, default=4)
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--libvirt", type=int, default=0, metavar="N",
+                        help="also time the libvirt source over N running domains (default 0: skipped)")
     args = parser.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -117,6 +127,40 @@ def main() -> int:
     print(f"read_cost_ratio={statsfd_s / floor_s:.2f}")
     print(f"debugfs_style_ratio={debugfs_s / statsfd_s:.2f}")
     print(f"sample_cost_ratio={sample_s / floor_s:.2f}")
+    if args.libvirt > 0:
+        return libvirt_bench(args.libvirt, args.repeat, statsfd_s / args.vms)
+    return 0
+
+
+def libvirt_bench(wanted: int, repeat: int, statsfd_per_vm_s: float) -> int:
+    from tests.support.libvirtd import Libvirtd
+
+    started = time.perf_counter()
+    with Libvirtd() as libvirtd:
+        for i in range(wanted):
+            try:
+                libvirtd.domain(f"kfbench{os.getpid()}-{i:03d}", vcpus=2)
+            except RuntimeError as err:
+                print(f"libvirt: domain {i + 1} of {wanted} did not start ({err}); measuring {i}", file=sys.stderr)
+                break
+        count = len(libvirtd.domains)
+        start_s = time.perf_counter() - started
+        with LibvirtSource(only_pids={dom.pid for dom in libvirtd.domains}) as split, LibvirtSource() as whole:
+            if len(whole.read()) < count:
+                print(f"error: libvirt read fewer than {count} domains: {whole.usability().reason}", file=sys.stderr)
+                return 1
+            whole_s = timed(whole.read, max(5, repeat // 3))
+            split_s = timed(split.read, max(5, repeat // 3))
+    if count == 0:
+        print("libvirt: no domain started", file=sys.stderr)
+        return 1
+    note = "" if count == wanted else f" (only {count} of {wanted} started)"
+    print(f"libvirt: {count} domains x 2 vCPUs{note}, started in {start_s:.1f} s; median of {max(5, repeat // 3)}")
+    print(f"libvirt_sample_ms={whole_s * 1e3:.2f}")
+    print(f"libvirt_ms_per_domain={whole_s * 1e3 / count:.3f}")
+    print(f"libvirt_listed_sample_ms={split_s * 1e3:.2f}  (listAllDomains + domainListGetStats, as with only_pids)")
+    print(f"libvirt_per_vm_ratio={whole_s / count / statsfd_per_vm_s:.1f}  (libvirt ms per domain / statsfd ms "
+          f"per VM; the statsfd VMs have --vcpus vCPUs)")
     return 0
 
 

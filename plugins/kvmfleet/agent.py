@@ -31,7 +31,7 @@ from .model import StatDesc, Stats, StatType, VMKey
 from .ship import DEFAULT_CAPACITY, DEFAULT_SPOOL_PATH, LineBuffer, ShipConfig, Shipper, make_writer
 from .ship.lineproto import encode_fields, escape_key, series_prefix
 from .ship.writers import ShipConfigError, Writer, read_secret
-from .sources import SOURCE_NAMES, make_source
+from .sources import DEFAULT_URI, SOURCE_NAMES, make_source
 from .sources.base import Source
 from .statblock import MergedStats, StatBlock, scalar_items
 
@@ -86,6 +86,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("Histograms", "bool", True, "ship histogram buckets as <name>_bucket_<n> fields"),
     Option("FactsInterval", "seconds", 300.0, "seconds between two reads of the host facts"),
     Option("Interval", "seconds", None, "seconds between two samples (default: collectd's Interval)"),
+    Option("LibvirtURI", "string", DEFAULT_URI,
+           "libvirt connection of the libvirt source and of auto's libvirt part"),
     Option("InfluxURL", "url", None, "InfluxDB base URL; absent: no shipping"),
     Option("InfluxAPI", "choice", "v1", "v1 (/write) or v2 (influxdb-client)", choices=("v1", "v2"),
            shipping=True),
@@ -134,6 +136,7 @@ class AgentConfig:
     """The validated options (defaults as in :data:`OPTIONS`)."""
 
     source: str = "auto"
+    libvirt_uri: str = DEFAULT_URI
     per_vm: bool = True
     per_vcpu: bool = False
     include: tuple[re.Pattern[str], ...] = ()
@@ -155,6 +158,8 @@ class AgentConfig:
         """One line for the log (no secret: files are named, never read out)."""
         parts = [f"source {self.source}", f"per-VM {_onoff(self.per_vm)}", f"per-vCPU {_onoff(self.per_vcpu)}",
                  f"dispatch {_onoff(self.dispatch)}", f"histograms {_onoff(self.histograms)}"]
+        if self.libvirt_uri != DEFAULT_URI:
+            parts.append(f"libvirt {self.libvirt_uri}")
         if self.include or self.exclude:
             parts.append(f"{len(self.include)} include / {len(self.exclude)} exclude pattern(s)")
         if self.tags:
@@ -405,6 +410,7 @@ def parse_config(entries: Iterable[ConfigEntry], check_files: bool = True) -> Ag
 
     cfg = AgentConfig(
         source=given.get("Source", "auto"),
+        libvirt_uri=given.get("LibvirtURI", DEFAULT_URI),
         per_vm=given.get("PerVM", True),
         per_vcpu=given.get("PerVCPU", False),
         include=tuple(include),
@@ -876,7 +882,8 @@ class Agent:
         cfg = self.config
         self.builder = PointBuilder(cfg, hostname)
         self.sink = sink if cfg.dispatch else None
-        self.collector = Collector(source if source is not None else make_source(cfg.source, say=self.say))
+        self.collector = Collector(source if source is not None else make_source(cfg.source, say=self.say,
+                                                                                   libvirt_uri=cfg.libvirt_uri))
         if cfg.ship is not None:
             writer = self.writer if self.writer is not None else make_writer(cfg.ship)
             self.writer = writer

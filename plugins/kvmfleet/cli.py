@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 
 from . import __version__
+from .sources import DEFAULT_URI, SOURCE_NAMES
 
 
 def _positive_float(text: str) -> float:
@@ -32,7 +33,7 @@ def cmd_stat(args: argparse.Namespace) -> int:
     from .sources import make_source
     from .statview import sample_json, sample_text
 
-    source = make_source(args.source)
+    source = make_source(args.source, libvirt_uri=args.libvirt_uri)
     collector = Collector(source)
     printed, prev = 0, None
     try:
@@ -60,13 +61,17 @@ def cmd_stat(args: argparse.Namespace) -> int:
 def cmd_facts(args: argparse.Namespace) -> int:
     from .facts import format_text, gather
     from .logsay import SayOnce
-    from .sources import make_source
+    from .sources import LibvirtSource, make_source
 
     facts = gather()
-    with make_source("auto", say=SayOnce(quiet=True)) as source:  # the output says why a source is unusable
+    quiet = SayOnce(quiet=True)  # the output says why a source is unusable
+    with make_source("auto", say=quiet, libvirt_uri=args.libvirt_uri) as source:
         source.read()
         facts.sources = {name: {"usable": state.usable, "reason": state.reason}
                          for name, state in source.sources_used().items()}
+    with LibvirtSource(args.libvirt_uri, say=quiet) as libvirt:  # asked even where auto does not need it
+        libvirt.read()
+        facts.libvirt = libvirt.facts()
     if args.json:
         print(json.dumps(facts.to_dict(), indent=2, sort_keys=True))
     else:
@@ -125,13 +130,17 @@ def build_parser() -> argparse.ArgumentParser:
     stat.add_argument("-n", "--count", type=int, default=0, metavar="COUNT",
                       help="stop after COUNT samples (default: run until interrupted); -n 1 prints the "
                            "current totals at once")
-    stat.add_argument("--source", choices=("auto", "statsfd", "debugfs"), default="auto",
+    stat.add_argument("--source", choices=SOURCE_NAMES, default="auto",
                       help="where to read the counters (default auto: the best that works per VM)")
+    stat.add_argument("--libvirt-uri", default=DEFAULT_URI, metavar="URI",
+                      help=f"libvirt connection of the libvirt source (default {DEFAULT_URI})")
     stat.add_argument("--json", action="store_true", help="one JSON object per sample")
     stat.set_defaults(func=cmd_stat)
 
     facts = sub.add_parser("facts", help="host facts: CPU, KVM module, EPT/NPT verdict, lockdown, sources")
     facts.add_argument("--json", action="store_true")
+    facts.add_argument("--libvirt-uri", default=DEFAULT_URI, metavar="URI",
+                       help=f"libvirt connection to describe (default {DEFAULT_URI})")
     facts.set_defaults(func=cmd_facts)
 
     selftest = sub.add_parser("selftest", help="run a tiny real VM and check every usable source reads it exactly")

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from . import agent
 from .agent import ConfigEntry, ConfigValue
+from .sources import DEFAULT_URI, SOURCE_NAMES
 
 COLLECTD_PLUGIN_DIR = "/usr/lib/collectd"
 
@@ -87,6 +88,8 @@ def options_from_args(args: argparse.Namespace) -> list[tuple[str, list[ConfigVa
     opts: list[tuple[str, list[ConfigValue]]] = []
     if args.source != "auto":
         opts.append(("Source", [args.source]))
+    if args.libvirt_uri is not None:
+        opts.append(("LibvirtURI", [args.libvirt_uri]))
     if args.no_per_vm:
         opts.append(("PerVM", [False]))
     if args.per_vcpu:
@@ -144,8 +147,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                            "(default /var/lib/kvmfleet/spool/ship.spool)")
     sink.add_argument("--buffer-lines", type=int, metavar="N", help="most lines buffered during an outage")
     what = parser.add_argument_group("what to collect")
-    what.add_argument("--source", choices=("auto", "statsfd", "debugfs"), default="auto",
+    what.add_argument("--source", choices=SOURCE_NAMES, default="auto",
                       help="where to read the counters (default auto)")
+    what.add_argument("--libvirt-uri", metavar="URI", help=f"libvirt connection of the libvirt source (and of "
+                                                          f"auto's libvirt part; default {DEFAULT_URI})")
     what.add_argument("--no-per-vm", action="store_true", help="no per-VM values")
     what.add_argument("--per-vcpu", action="store_true", help="per-vCPU values too")
     what.add_argument("--include", action="append", metavar="REGEX", help="only counters matching (repeatable)")

@@ -99,6 +99,8 @@ class HostFacts:
     )
     # Which stats sources can work here and why not: filled in by the CLI (another module).
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # libvirt: uri, library/daemon/hypervisor versions, vm_stats_group, usable, reason (filled in by the CLI).
+    libvirt: dict[str, Any] = field(default_factory=dict)
     # fact key -> why it is unknown.
     why_unknown: dict[str, str] = field(default_factory=dict)
 
@@ -630,6 +632,14 @@ def format_text(facts: HostFacts) -> str:
             "no Yama" if facts.yama_present is False else _show(facts.yama_ptrace_scope),
         ),
     ]
+    if facts.libvirt:
+        lv = facts.libvirt
+        rows += [
+            ("libvirt", f"uri={lv.get('uri')} library={_show(lv.get('library_version'))} "
+                        f"daemon={_show(lv.get('daemon_version'))} qemu={_show(lv.get('hypervisor_version'))}"),
+            ("libvirt VM stats group", _show(lv.get("vm_stats_group"))),
+            ("libvirt usable", f"{_show(lv.get('usable'))}: {lv.get('reason') or '-'}"),
+        ]
     for name, info in sorted(facts.sources.items()):
         rows.append((f"source {name}", ", ".join(f"{k}={_show(v)}" for k, v in info.items()) or "-"))
     for key, why in sorted(facts.why_unknown.items()):

@@ -18,7 +18,7 @@ from kvmfleet import agent as ag
 @pytest.fixture
 def stub(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[StubCollectd, Any]]:
     source = ListSource([reading(11, "web-1"), reading(12, "db-1")])
-    monkeypatch.setattr(ag, "make_source", lambda name, say=None: source)
+    monkeypatch.setattr(ag, "make_source", lambda name, say=None, libvirt_uri=None: source)
     s, plugin = collectd_stub.install(hostname="hv-stub")
     try:
         yield s, plugin

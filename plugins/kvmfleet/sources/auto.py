@@ -1,21 +1,26 @@
 """``auto``: per VM, the best source that works on this host.
 
 VM-level counters come from debugfs where it is readable (its per-VM directory already sums the
-vCPUs), otherwise from the VM stats fd a VMM holds; per-vCPU counters come from borrowed vCPU stats
-fds. A VM that debugfs names but no source can read is still reported (empty stats, source
-``none``) so an operator sees it exists. Why a source is unusable is logged once per reason.
-
-The parts are kept in a list so a later source (libvirt, QMP) slots in beside them.
+vCPUs); otherwise from the VM stats fd a VMM holds, else from libvirt's VM stats group (QEMU keeps no
+VM stats fd, so under lockdown libvirt is the only way to them). Per-vCPU counters come from borrowed
+vCPU stats fds where the VMM holds them (one ``pread`` each, against a QMP round trip through
+libvirtd), else from libvirt. A VM seen by several sources is one VM (matched by its QEMU pid and VM
+fd, by pid, or by UUID); its ``source`` says what was combined (``libvirt+statsfd``), and the choice
+is logged once per VM. libvirt is not asked at all while debugfs reads. A VM that debugfs names but
+no source can read is still reported (empty stats, source ``none``) so an operator sees it exists.
+Why a source is unusable is logged once per reason.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Container
 
 from ..logsay import SayOnce
 from ..model import Usability, VMKey, VMReading
 from .base import Source
 from .debugfs import DebugfsSource
+from .libvirt import DEFAULT_URI, LibvirtSource
 from .statsfd import StatsfdSource
 
 
@@ -23,12 +28,15 @@ class AutoSource(Source):
     name = "auto"
 
     def __init__(self, debugfs: DebugfsSource | None = None, statsfd: StatsfdSource | None = None,
-                 say: SayOnce | None = None, only_pids: Container[int] | None = None) -> None:
-        """``only_pids`` restricts both parts to those VMM processes (selftest, tests)."""
+                 say: SayOnce | None = None, only_pids: Container[int] | None = None,
+                 libvirt: LibvirtSource | None = None, libvirt_uri: str = DEFAULT_URI) -> None:
+        """``only_pids`` restricts every part to those VMM processes (selftest, tests)."""
         self.say = say or SayOnce()
         self.only_pids = only_pids
         self.debugfs = debugfs or DebugfsSource(say=self.say)
         self.statsfd = statsfd or StatsfdSource(say=self.say, only_pids=only_pids)
+        self.libvirt = libvirt or LibvirtSource(libvirt_uri, say=self.say, only_pids=only_pids, optional=True)
+        self._libvirt_asked = False
 
     def usability(self) -> Usability:
         parts = self.sources_used()
@@ -37,7 +45,12 @@ class AutoSource(Source):
         return Usability(bool(usable), reasons)
 
     def sources_used(self) -> dict[str, Usability]:
-        return {self.debugfs.name: self.debugfs.usability(), self.statsfd.name: self.statsfd.usability()}
+        used = {self.debugfs.name: self.debugfs.usability(), self.statsfd.name: self.statsfd.usability()}
+        libvirt = self.libvirt.usability()
+        if not self._libvirt_asked and libvirt:
+            libvirt = Usability(True, "not needed: debugfs reads every VM")
+        used[self.libvirt.name] = libvirt
+        return used
 
     def read(self) -> list[VMReading]:
         from_debugfs = {_match_key(r.identity.key): r for r in self.debugfs.read() if self._wanted(r.identity.key.pid)}
@@ -57,9 +70,43 @@ class AutoSource(Source):
                 dbg.descs = {**fds.descs, **dbg.descs}
                 dbg.source = "debugfs+statsfd"
             merged.append(dbg)
-        merged.extend(r for r in from_statsfd.values() if id(r) not in used)
+        rest = [r for r in from_statsfd.values() if id(r) not in used]
+        self._libvirt_asked = not self.debugfs.usability()
+        merged.extend(self._with_libvirt(rest) if self._libvirt_asked else rest)
         seen = {_match_key(r.identity.key) for r in merged} | {(r.identity.key.pid, -1) for r in merged}
         merged.extend(self._unreadable(listed, seen))
+        return merged
+
+    def _with_libvirt(self, from_statsfd: list[VMReading]) -> list[VMReading]:
+        """Debugfs unreadable: VM-level counters from libvirt, per-vCPU ones from held stats fds where the VMM
+        has them (cheaper), else from libvirt too; statsfd readings libvirt does not know stay as they are."""
+        with_vcpus = {r.identity.key.pid for r in from_statsfd if r.vcpus}
+        from_libvirt = self.libvirt.read_groups(lambda pid: pid not in with_vcpus)
+        if not from_libvirt:
+            return from_statsfd
+        by_key = {_match_key(r.identity.key): r for r in from_statsfd}
+        by_pid = {r.identity.key.pid: r for r in from_statsfd}
+        by_uuid = {r.identity.uuid: r for r in from_statsfd if r.identity.uuid}
+        merged: list[VMReading] = []
+        used: set[int] = set()
+        for lvr in from_libvirt:
+            key = lvr.identity.key
+            fds = by_key.get(_match_key(key)) or by_pid.get(key.pid) or by_uuid.get(lvr.identity.uuid or "")
+            if fds is not None and id(fds) not in used:
+                used.add(id(fds))
+                if fds.vm_stats:  # a VMM that holds its VM stats fd: a pread beats a QMP round trip
+                    lvr.vm_stats = fds.vm_stats
+                if fds.vcpus:
+                    lvr.vcpus = fds.vcpus
+                lvr.descs = {**lvr.descs, **fds.descs}  # the kernel's descriptors carry units
+                lvr.source = "libvirt+statsfd"
+            self.say(f"auto-choice:{lvr.identity.uuid}:{key.pid}",
+                     f"kvmfleet: VM {lvr.identity.name} (pid {key.pid}): VM-level counters from "
+                     f"{'statsfd' if fds is not None and fds.vm_stats else 'libvirt'}, per-vCPU counters from "
+                     f"{'statsfd (held stats fds)' if fds is not None and fds.vcpus else 'libvirt'}",
+                     logging.INFO)
+            merged.append(lvr)
+        merged.extend(r for r in from_statsfd if id(r) not in used)
         return merged
 
     def _wanted(self, pid: int) -> bool:
@@ -83,6 +130,7 @@ class AutoSource(Source):
     def close(self) -> None:
         self.debugfs.close()
         self.statsfd.close()
+        self.libvirt.close()
 
 
 def _match_key(key: VMKey) -> tuple[int, int]:

@@ -1,0 +1,45 @@
+"""Real libvirtd 9.0 and QEMU 7.2 domains: every test here is marked ``kvm`` and ``server`` (never skips here)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+from tests.support.libvirtd import Domain, Libvirtd
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if str(item.path).startswith(HERE):
+            item.add_marker(pytest.mark.server)
+            item.add_marker(pytest.mark.kvm)
+
+
+@pytest.fixture(autouse=True)
+def _need_kvm_and_root() -> None:
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("no /dev/kvm on this machine")
+    if os.geteuid() != 0:
+        pytest.skip("libvirtd and its domains need root here")
+
+
+@pytest.fixture(scope="module")
+def libvirtd() -> Iterator[Libvirtd]:
+    with Libvirtd() as daemon:
+        yield daemon
+
+
+@pytest.fixture(scope="module")
+def paused(libvirtd: Libvirtd) -> Iterator[Domain]:
+    """A 2-vCPU domain that ran SeaBIOS for a moment, then paused: its counters stay put."""
+    dom = libvirtd.domain(f"kft{os.getpid()}-paused", vcpus=2)
+    try:
+        time.sleep(1.0)  # let SeaBIOS run into its boot loop so counters are not all zero
+        dom.suspend()
+        yield dom
+    finally:
+        libvirtd.remove(dom)
