@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install deps lint typecheck test unit demo demo-stop bench bench-deploy ansible-lint molecule clean
+.PHONY: install deps lint typecheck test unit demo demo-stop bench bench-libvirt bench-deploy bench-demo ansible-lint \
+	molecule clean
 
 # Debian packages the suite needs (servers, collectd, debootstrap, venv support)
 deps:
@@ -56,8 +57,15 @@ bench: deps install
 	$(BIN)/python bench/read_cost.py
 	$(BIN)/python bench/ship_cost.py
 
+# 50 real libvirt domains (about 4 minutes to boot their SeaBIOS on a shadow-paging KVM)
+bench-libvirt: deps install
+	$(BIN)/python bench/read_cost.py --vms 50 --vcpus 2 --libvirt 50
+
 bench-deploy: deps install
 	bench/deploy_time.sh
+
+bench-demo: deps install
+	bench/demo_time.sh
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
