@@ -6,7 +6,7 @@
 
 Builds the kvmfleet wheel from the source tree (a copy of it: the tree is never written to) with a fixed
 SOURCE_DATE_EPOCH, so the same source always gives the same bytes, and downloads the wheels of its
-dependencies for the *target's* Python version, CPU and glibc (``pip download --only-binary=:all:``:
+dependencies (and pip's own) for the *target's* Python version, CPU and glibc (``pip download --only-binary=:all:``:
 pure-Python wheels and manylinux wheels both work; a dependency with no wheel for the target fails
 clearly). The result lives in ``DIR/cpXY-MACHINE-glibcG/``: ``wheels/*.whl``, ``requirements.txt``
 (``name==version`` per wheel), ``SHA256SUMS`` (of the wheels), ``manifest.json`` (the same plus the stamp) and
@@ -33,7 +33,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 SOURCE_DATE_EPOCH = "315532800"  # 1980-01-01, the earliest date a zip file can hold
 ROOT_FILES = ("setup.cfg", "setup.py", "pyproject.toml", "README.md", "MANIFEST.in", "LICENSE")
 SOURCE_DIRS = ("plugins",)
@@ -142,7 +142,9 @@ def build(args: argparse.Namespace, stamp: dict, tmp: Path) -> dict:
            "--abi", "none"]
     for tag in platform_tags(args.machine, args.glibc):
         cmd += ["--platform", tag]
-    cmd += [*args.pip_arg, str(built[0]), *args.requirement]
+    # pip's own wheel too: the host runs pip straight from it (python pip-X.whl/pip install ...) into a venv made
+    # --without-pip, so it needs neither ensurepip (Debian's python3-venv) nor an index
+    cmd += [*args.pip_arg, str(built[0]), "pip", *args.requirement]
     run(cmd, env)
     files = sorted(p for p in wheels.iterdir())
     bad = [p.name for p in files if not p.name.endswith(".whl")]
