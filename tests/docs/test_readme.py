@@ -67,18 +67,25 @@ def test_every_block_has_a_way_to_run() -> None:
     assert set(sh_blocks()) == set(SUBSTITUTIONS)
 
 
+def make_n(*args: str) -> str:
+    """What ``make -n ARGS`` would run, as a newcomer's shell sees it (not as a sub-make of ``make test``)."""
+    inherited = ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES", "PYTEST_ARGS")
+    env = {k: v for k, v in os.environ.items() if k not in inherited}
+    return subprocess.run(["make", "--no-print-directory", "-n", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, check=True).stdout
+
+
 def test_make_demo_and_make_test_recipes() -> None:
     """``make demo`` runs the demo (tests/demo runs it for real), ``make test`` the whole suite, unfiltered."""
     assert sh_blocks()["make demo"].split("\n")[:2] == [
         "make demo   # a fleet of 3 simulated hypervisors on this machine, deployed by the real playbook, then audited",
         "make test   # installs what the suite needs and runs every test (lint, types, unit, real KVM, QEMU, servers,"
         " Ansible)"]
-    demo = subprocess.run(["make", "-n", "demo"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    demo = make_n("demo")
     assert demo.splitlines()[-1].strip() == "./scripts/demo"
     assert "./scripts/install-deps" in demo  # it installs what it needs
-    stop = subprocess.run(["make", "-n", "demo", "STOP=1"], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert stop.stdout.strip() == "./scripts/demo --stop"
-    test = subprocess.run(["make", "-n", "test"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert make_n("demo", "STOP=1").strip() == "./scripts/demo --stop"
+    test = make_n("test")
     pytest_line = [line for line in test.splitlines() if "pytest" in line]
     assert pytest_line == [".venv/bin/pytest -q "], test  # no -k, -m or path: every test
     assert "./scripts/install-deps" in test
