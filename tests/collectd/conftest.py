@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from tests.server.shiphelpers import INFLUX_PASSWORD, secret_file
 from tests.support.fixtures import influxdb, victoria  # noqa: F401  (shared fixtures)
+from tests.support.realkvm import mark_directory, need_kvm_and_root
 
 from kvmfleet.guestvmm import launch
 from kvmfleet.guestvmm.launcher import GuestProcess
@@ -21,18 +22,10 @@ GUESTS = (("halt-a", 2, "halt", 700), ("halt-b", 1, "halt", 1234), ("mmio-a", 2,
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if str(item.path).startswith(HERE):
-            item.add_marker(pytest.mark.server)
-            item.add_marker(pytest.mark.kvm)
+    mark_directory(items, HERE, pytest.mark.server, pytest.mark.kvm)
 
 
-@pytest.fixture(autouse=True)
-def _need_kvm_and_root() -> None:
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("no /dev/kvm on this machine")
-    if os.geteuid() != 0:
-        pytest.skip("the collectd tests need root (the plugin borrows stats fds with pidfd_getfd)")
+_need_kvm_and_root = need_kvm_and_root("the collectd tests need root (the plugin borrows stats fds with pidfd_getfd)")
 
 
 class Guests:

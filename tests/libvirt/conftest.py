@@ -8,23 +8,16 @@ from collections.abc import Iterator
 
 import pytest
 from tests.support.libvirtd import Domain, Libvirtd
+from tests.support.realkvm import mark_directory, need_kvm_and_root
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if str(item.path).startswith(HERE):
-            item.add_marker(pytest.mark.server)
-            item.add_marker(pytest.mark.kvm)
+    mark_directory(items, HERE, pytest.mark.server, pytest.mark.kvm)
 
 
-@pytest.fixture(autouse=True)
-def _need_kvm_and_root() -> None:
-    if not os.path.exists("/dev/kvm"):
-        pytest.skip("no /dev/kvm on this machine")
-    if os.geteuid() != 0:
-        pytest.skip("libvirtd and its domains need root here")
+_need_kvm_and_root = need_kvm_and_root("libvirtd and its domains need root here")
 
 
 @pytest.fixture(scope="module")
