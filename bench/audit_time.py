@@ -36,9 +36,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # tests.support.servers
 
+from tests.support import synthetic  # noqa: E402
 from tests.support.servers import InfluxDB1  # noqa: E402
 
-from kvmfleet.audit import synthetic  # noqa: E402
 from kvmfleet.audit.client import Connection, InfluxQLClient  # noqa: E402
 from kvmfleet.audit.engine import AuditOptions, run_audit  # noqa: E402
 from kvmfleet.audit.report import render  # noqa: E402

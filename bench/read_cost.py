@@ -35,11 +35,12 @@ import time
 from typing import Callable
 
 from kvmfleet.collector import Collector
-from kvmfleet.guestvmm import launch_fleet
 from kvmfleet.model import StatType
 from kvmfleet.sources import DebugfsSource, LibvirtSource, StatsfdSource
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.support.libvirtd
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.support
+
+from tests.support.guestfleet import launch_fleet
 
 
 def timed(func: Callable[[], object], repeat: int) -> float:

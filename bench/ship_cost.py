@@ -43,8 +43,10 @@ from typing import Any
 from kvmfleet.agent import AgentConfig, PointBuilder
 from kvmfleet.collectd_config import render
 from kvmfleet.collector import Collector
-from kvmfleet.guestvmm import launch_fleet
 from kvmfleet.sources import make_source
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.support
+from tests.support.guestfleet import launch_fleet
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

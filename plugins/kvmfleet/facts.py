@@ -23,6 +23,8 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
+from . import words
+
 UNKNOWN = "unknown"
 
 # TDP verdict states.
@@ -41,8 +43,7 @@ CAP_SYS_PTRACE = 19
 # Anything bigger than this is not a /proc or /sys file we want; read no further.
 _MAX_READ = 16 * 1024 * 1024
 
-_TRUE_WORDS = frozenset({"y", "yes", "true", "on"})
-_FALSE_WORDS = frozenset({"n", "no", "false", "off"})
+LOCKDOWN_FILE = "sys/kernel/security/lockdown"
 
 
 class TdpVerdict(TypedDict):
@@ -156,19 +157,26 @@ def parse_bool(text: str | None) -> bool | None:
 
     Any other integer counts as true if non-zero; anything else is None.
     """
-    if text is None:
-        return None
-    word = text.strip().lower()
-    if not word:
-        return None
-    if word in _TRUE_WORDS:
-        return True
-    if word in _FALSE_WORDS:
-        return False
+    value = words.parse_bool(text)
+    if value is not None or text is None:
+        return value
     try:
-        return int(word, 0) != 0
+        return int(text.strip(), 0) != 0
     except ValueError:
         return None
+
+
+def parse_lockdown(text: str) -> str | None:
+    """The current mode of a ``sys/kernel/security/lockdown`` text (``none [integrity] confidentiality``: the
+    bracketed word), or None when the text holds no bracketed mode."""
+    m = re.search(r"\[([A-Za-z_-]+)\]", text)
+    return m.group(1) if m else None
+
+
+def lockdown_mode(root: str = "/") -> str:
+    """This host's lockdown mode, or ``unknown`` when it cannot be read."""
+    text, _ = _read(root, LOCKDOWN_FILE)
+    return (parse_lockdown(text) if text is not None else None) or UNKNOWN
 
 
 def _is_dir(root: str, rel: str) -> bool:
@@ -353,12 +361,11 @@ def _gather_mounts(facts: HostFacts, root: str) -> None:
 
 
 def _gather_lockdown(facts: HostFacts, root: str) -> None:
-    text, why = _read(root, "sys/kernel/security/lockdown")
+    text, why = _read(root, LOCKDOWN_FILE)
     if text is not None:
-        # "none [integrity] confidentiality": the bracketed word is the current mode.
-        m = re.search(r"\[([A-Za-z_-]+)\]", text)
-        if m:
-            facts.lockdown = m.group(1)
+        mode = parse_lockdown(text)
+        if mode:
+            facts.lockdown = mode
         else:
             facts.why_unknown["lockdown"] = (
                 f"no bracketed mode in sys/kernel/security/lockdown: {text.strip()[:60]!r}"

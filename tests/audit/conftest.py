@@ -8,10 +8,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
+from tests.support import synthetic as sy
 from tests.support.fixtures import running
 from tests.support.servers import InfluxDB1
 
-from kvmfleet.audit import synthetic as sy
 from kvmfleet.audit.client import Connection, InfluxQLClient
 from kvmfleet.audit.engine import AuditOptions, AuditResult, run_audit
 from kvmfleet.querypack import load_rules

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from tests.audit.conftest import audit, triples, write_fleet
+from tests.support import synthetic as sy
 from tests.support.servers import InfluxDB1, StubHTTPServer, free_port, make_self_signed_cert
 
-from kvmfleet.audit import synthetic as sy
 from kvmfleet.cli import main
 from kvmfleet.querypack import QueryParams, load_queries
 

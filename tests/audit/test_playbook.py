@@ -13,9 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from tests.support import synthetic as sy
 from tests.support.servers import InfluxDB1, MissingBinary
-
-from kvmfleet.audit import synthetic as sy
 
 pytestmark = pytest.mark.server
 ROOT = Path(__file__).resolve().parent.parent.parent

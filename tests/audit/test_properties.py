@@ -16,10 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tests.audit.conftest import audit, write_fleet
+from tests.support import synthetic as sy
 from tests.support.servers import InfluxDB1
 
 from kvmfleet.audit import rules as R
-from kvmfleet.audit import synthetic as sy
 from kvmfleet.audit.engine import AuditResult
 from kvmfleet.audit.model import HostData, VMData
 from kvmfleet.audit.report import render, to_dict

@@ -14,8 +14,10 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
+from tests.support.guestfleet import launch_fleet
 
 from kvmfleet import binstats
 from kvmfleet.guestvmm import (
@@ -26,7 +28,6 @@ from kvmfleet.guestvmm import (
     guest_uuid,
     guests,
     launch,
-    launch_fleet,
     minimum_counts,
 )
 from kvmfleet.guestvmm.__main__ import UsageError, _json_str, parse_args
@@ -34,6 +35,9 @@ from kvmfleet.guestvmm.launcher import child_env, vm_command
 from kvmfleet.guestvmm.vm import GuestVM, install_kick_handler
 
 pytestmark = pytest.mark.kvm
+
+# run as a script, as the demo and molecule run it inside a simulated hypervisor
+GUESTFLEET = str(Path(__file__).resolve().parents[1] / "support" / "guestfleet.py")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 SYS_PIDFD_GETFD = 438
@@ -282,8 +286,8 @@ def test_fleet_of_20_starts_and_stops() -> None:
 def test_fleet_command_line() -> None:
     env = child_env()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvmfleet.guestvmm", "fleet", "--vms", "3", "--vcpus", "2", "--workload", "mmio",
-         "--loops", "50", "--name-prefix", "t-cli-fleet"],
+        [sys.executable, GUESTFLEET, "--vms", "3", "--vcpus", "2", "--workload", "mmio", "--loops", "50",
+         "--name-prefix", "t-cli-fleet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
     )  # fmt: skip
     try:

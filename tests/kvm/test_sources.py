@@ -9,10 +9,11 @@ import sys
 import threading
 import time
 
+from tests.support.guestfleet import launch_fleet
 from tests.support.kvmtools import OnlyPids, open_fds
 
 from kvmfleet.collector import Collector, vm_sample
-from kvmfleet.guestvmm import launch, launch_fleet
+from kvmfleet.guestvmm import launch
 from kvmfleet.guestvmm.guests import expected_counts
 from kvmfleet.sources import AutoSource, DebugfsSource, StatsfdSource
 

@@ -5,7 +5,6 @@
 * :mod:`.rules` -- the arithmetic of each rule (thresholds and texts in ``querypack/rules.yaml``);
 * :mod:`.report` -- table, JSON, Markdown and self-contained HTML output;
 * :mod:`.cli` -- the ``audit``, ``queries`` and ``explain`` subcommands;
-* :mod:`.synthetic` -- fleets written in the schema, for tests, benchmarks and demos.
 """
 
 from __future__ import annotations

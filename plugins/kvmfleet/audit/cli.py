@@ -13,7 +13,6 @@ import textwrap
 from typing import TextIO
 
 from ..querypack import (
-    SEVERITIES,
     PackError,
     QueryParams,
     explain_text,
@@ -23,6 +22,7 @@ from ..querypack import (
     load_queries,
     load_rules,
 )
+from ..severity import SEVERITIES
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 

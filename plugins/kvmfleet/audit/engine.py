@@ -32,9 +32,10 @@ from ..querypack import (
     select_columns,
     split_columns,
 )
+from ..severity import severity_rank
 from . import rules as R
 from .client import AuditError, InfluxQLClient, Series
-from .model import INSTANT, Finding, HostData, Skipped, VMData, finite, severity_rank
+from .model import INSTANT, Finding, HostData, Skipped, VMData, finite
 
 DETAIL_QUERIES = {
     "shadow-paging": "shadow_paging",

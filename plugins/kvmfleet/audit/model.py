@@ -6,14 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..querypack import SEVERITIES
-
-# Old kernels' names of counters the rules read (KERNEL-NOTES.md): new name -> old names.
-ALIASES = {"irq_window_exits": ("irq_window",), "request_irq_exits": ("request_irq",)}
-
-
-def severity_rank(severity: str) -> int:
-    return SEVERITIES.index(severity) if severity in SEVERITIES else -1
+from ..querypack import load_counters
+from ..schema import OLD_NAMES
 
 
 def finite(value: Any) -> float | None:
@@ -33,8 +27,8 @@ def ratio(num: float | None, den: float | None) -> float | None:
     return num / den
 
 
-# Instant values among the columns the pack reads: the last value is kept, not an increase.
-INSTANT = frozenset({"mmu_unsync"})
+# Instant values (counters.yaml kind "instant"): the audit keeps their last value, not an increase.
+INSTANT = frozenset(name for name, doc in load_counters().items() if doc.kind == "instant")
 
 
 @dataclass
@@ -85,7 +79,7 @@ class HostData:
 
     def has(self, name: str) -> bool:
         return self.increases.get(name) is not None or self.exact_rates.get(name) is not None or any(
-            self.increases.get(a) is not None for a in ALIASES.get(name, ()))
+            self.increases.get(a) is not None for a in OLD_NAMES.get(name, ()))
 
     def rate(self, name: str) -> float | None:
         """Per-second rate of a cumulative counter over the window (old names tolerated); None if not known."""
@@ -93,7 +87,7 @@ class HostData:
             return self.exact_rates[name]
         inc = self.increases.get(name)
         if inc is None:
-            for alias in ALIASES.get(name, ()):
+            for alias in OLD_NAMES.get(name, ()):
                 inc = self.increases.get(alias)
                 if inc is not None:
                     break

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from .. import __version__
+from ..severity import severity_rank
 from .engine import AuditResult
-from .model import Finding, severity_rank
+from .model import Finding
 
 FORMATS = ("table", "json", "markdown", "html")
 MAX_SKIPPED_LINES = 12

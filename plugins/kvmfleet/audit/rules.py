@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..querypack import Rule
+from ..severity import capped
 from .model import Finding, HostData, Skipped, VMData, ratio, rounded
 
 UNKNOWN_VCPUS = "vCPU count unknown (no kvm_host vcpus, or 0): the load per vCPU cannot be judged"
@@ -51,8 +52,7 @@ def _ge_or_unknown(value: float | None, threshold: float) -> bool:
 
 
 def _cap(severity: str, rule: Rule) -> str:
-    order = ("info", "warning", "critical")
-    return severity if order.index(severity) <= order.index(rule.severity) else rule.severity
+    return capped(severity, rule.severity)
 
 
 def _fmt(value: float | None, unit: str = "") -> str:

@@ -1,12 +1,13 @@
 """guestvmm: a small VMM that runs real KVM guests whose effect on the KVM counters is known.
 
-One VM per process, like QEMU (``python -m kvmfleet.guestvmm vm ...``; ``fleet`` for many). Modules:
+One VM per process, like QEMU (``python -m kvmfleet.guestvmm vm ...``; ``kvmfleet selftest`` runs one).
+Fleets of them for tests and benchmarks are in ``tests/support/guestfleet.py``. Modules:
 
 * :mod:`.kvmapi` -- ioctl numbers, ctypes structures and the kvm_run layout;
 * :mod:`.guests` -- the hand-assembled guest programs and :func:`expected_counts`, the exact counters
   each workload moves;
 * :mod:`.vm` -- :class:`~.vm.GuestVM`, one VM with a thread per vCPU;
-* :mod:`.launcher` -- :func:`launch` / :func:`launch_fleet`, start VM processes from Python;
+* :mod:`.launcher` -- :func:`launch`, start a VM process from Python;
 * :mod:`.__main__` -- the command line.
 
 The launcher names are loaded lazily: a VM child process imports this package and must stay light.
@@ -19,11 +20,10 @@ from .guests import WORKLOADS, detect_backend, expected_counts, expected_vm_coun
 # typing.TYPE_CHECKING without importing typing (mypy honours any constant of this name).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .launcher import Fleet, GuestProcess, GuestVMMError, guest_uuid, launch, launch_fleet
+    from .launcher import GuestProcess, GuestVMMError, guest_uuid, launch
 
 __all__ = [
     "WORKLOADS",
-    "Fleet",
     "GuestProcess",
     "GuestVMMError",
     "detect_backend",
@@ -31,11 +31,10 @@ __all__ = [
     "expected_vm_counts",
     "guest_uuid",
     "launch",
-    "launch_fleet",
     "minimum_counts",
 ]
 
-_LAUNCHER_NAMES = ("Fleet", "GuestProcess", "GuestVMMError", "guest_uuid", "launch", "launch_fleet")
+_LAUNCHER_NAMES = ("GuestProcess", "GuestVMMError", "guest_uuid", "launch")
 
 
 def __getattr__(name: str) -> object:

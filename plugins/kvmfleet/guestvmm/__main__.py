@@ -1,4 +1,5 @@
-"""Command line of the guest VMM: ``vm`` runs one VM in this process, ``fleet`` launches many.
+"""Command line of the guest VMM: ``vm`` runs one VM in this process (fleets of them for tests:
+``tests/support/guestfleet.py``; inside a simulated hypervisor: ``scripts/guests-in-host``).
 
 ``python -m kvmfleet.guestvmm vm -name guest=NAME -uuid UUID --vcpus M --workload W --loops N``
 runs one VM (like a QEMU process: one VM per process, ``-name guest=`` and ``-uuid`` on the command
@@ -10,8 +11,7 @@ Exit codes: 0 after a signal or ``--exit-after-done``; 2 when a KVM step fails (
 the step) or on a usage error.
 
 This module is what every VM child process imports: keep its imports light (no subprocess, no json
-decoder, no typing) so that hundreds of VMs start quickly. The fleet part imports :mod:`.launcher` only
-when used.
+decoder, no typing) so that hundreds of VMs start quickly.
 """
 
 from __future__ import annotations
@@ -30,16 +30,12 @@ USAGE = f"""\
 usage: {PROG} vm -name guest=NAME -uuid UUID [--vcpus M] [--workload W] [--loops N]
                  [--stats-fds {{all,vcpu,none}}] [--ready-fd FD | --ready-file PATH]
                  [--exit-after-done] [--die-with-parent] [--kvm-device PATH]
-       {PROG} fleet --vms N [--vcpus M] [--workload W] [--loops N] [--name-prefix P]
-                 [--stats-fds {{all,vcpu,none}}] [--exit-after-done] [--timeout SECONDS]
 
 A small VMM that runs real KVM guests with known effects on the KVM counters.
 
 vm      run one VM in this process (like QEMU: -name guest=NAME and -uuid UUID identify it). Once every
         vCPU ran its loops, write one JSON line (to --ready-fd, --ready-file or stdout) and stay alive,
         holding every fd, until SIGTERM/SIGINT (exit 0), or exit with --exit-after-done.
-fleet   start N vm processes (names PREFIX-000...), print one JSON line with their pids once all are
-        ready, stop them all on SIGTERM/SIGINT.
 
 options:
   --vcpus M            vCPUs per VM (default 1)
@@ -52,9 +48,6 @@ options:
   --exit-after-done    exit once the ready line is written (not for --loops 0)
   --die-with-parent    get SIGTERM when the parent process exits
   --kvm-device PATH    the KVM device (default /dev/kvm)
-  --vms N              fleet size
-  --name-prefix P      fleet names are P-000, P-001, ... (default kvmfleet-guest)
-  --timeout SECONDS    fleet: how long to wait for every VM to be ready (default 120)
 """
 
 
@@ -63,7 +56,7 @@ class UsageError(Exception):
 
 
 class Options:
-    """The parsed command line (both commands; each uses its own subset)."""
+    """The parsed command line."""
 
     def __init__(self) -> None:
         self.command = ""
@@ -78,29 +71,23 @@ class Options:
         self.exit_after_done = False
         self.die_with_parent = False
         self.kvm_device = "/dev/kvm"
-        self.vms = 0
-        self.name_prefix = "kvmfleet-guest"
-        self.timeout = 120.0
 
 
 # option -> (attribute, kind, commands). Kinds: "str", "int" (>= 0), "pos" (>= 1), "float", "flag",
 # or a tuple of choices. A hand-written parser because argparse (with re and gettext) costs more at
-# start-up than the whole VM setup, and a fleet starts hundreds of these processes.
+# start-up than the whole VM setup, and a test fleet starts hundreds of these processes.
 _OPTIONS: dict[str, tuple[str, object, tuple[str, ...]]] = {
     "-name": ("name", "str", ("vm",)),
     "-uuid": ("uuid", "str", ("vm",)),
-    "--vcpus": ("vcpus", "pos", ("vm", "fleet")),
-    "--workload": ("workload", guests.WORKLOADS, ("vm", "fleet")),
-    "--loops": ("loops", "int", ("vm", "fleet")),
-    "--stats-fds": ("stats_fds", STATS_FDS_CHOICES, ("vm", "fleet")),
+    "--vcpus": ("vcpus", "pos", ("vm",)),
+    "--workload": ("workload", guests.WORKLOADS, ("vm",)),
+    "--loops": ("loops", "int", ("vm",)),
+    "--stats-fds": ("stats_fds", STATS_FDS_CHOICES, ("vm",)),
     "--ready-fd": ("ready_fd", "int", ("vm",)),
     "--ready-file": ("ready_file", "str", ("vm",)),
-    "--exit-after-done": ("exit_after_done", "flag", ("vm", "fleet")),
+    "--exit-after-done": ("exit_after_done", "flag", ("vm",)),
     "--die-with-parent": ("die_with_parent", "flag", ("vm",)),
     "--kvm-device": ("kvm_device", "str", ("vm",)),
-    "--vms": ("vms", "pos", ("fleet",)),
-    "--name-prefix": ("name_prefix", "str", ("fleet",)),
-    "--timeout": ("timeout", "float", ("fleet",)),
 }
 
 
@@ -141,8 +128,8 @@ def _identity(value: str, key: str) -> str:
 def parse_args(argv: list[str]) -> Options:
     """Parse a command line (without the program name). Raises UsageError."""
     opts = Options()
-    if not argv or argv[0] not in ("vm", "fleet"):
-        raise UsageError("the first argument must be the command: vm or fleet")
+    if not argv or argv[0] != "vm":
+        raise UsageError("the first argument must be the command: vm")
     opts.command = argv[0]
     seen: set[str] = set()
     i = 1
@@ -169,18 +156,15 @@ def parse_args(argv: list[str]) -> Options:
         else:
             raise UsageError(f"{option} needs a value")
         setattr(opts, attr, _convert(option, kind, text))
-    if opts.command == "vm":
-        for option in ("-name", "-uuid"):
-            if option not in seen:
-                raise UsageError(f"vm needs {option}")
-        opts.name = _identity(opts.name, "guest")
-        opts.uuid = _identity(opts.uuid, "uuid")
-        if not opts.name or not opts.uuid:
-            raise UsageError("-name guest=NAME and -uuid UUID need non-empty values")
-        if "--ready-fd" in seen and "--ready-file" in seen:
-            raise UsageError("--ready-fd and --ready-file exclude each other")
-    elif "--vms" not in seen:
-        raise UsageError("fleet needs --vms")
+    for option in ("-name", "-uuid"):
+        if option not in seen:
+            raise UsageError(f"vm needs {option}")
+    opts.name = _identity(opts.name, "guest")
+    opts.uuid = _identity(opts.uuid, "uuid")
+    if not opts.name or not opts.uuid:
+        raise UsageError("-name guest=NAME and -uuid UUID need non-empty values")
+    if "--ready-fd" in seen and "--ready-file" in seen:
+        raise UsageError("--ready-fd and --ready-file exclude each other")
     if opts.workload == "paging" and opts.vcpus > guests.PAGING_MAX_VCPUS:
         raise UsageError(f"the paging workload supports at most {guests.PAGING_MAX_VCPUS} vCPUs")
     if opts.exit_after_done and opts.loops == 0 and opts.workload != "idle":
@@ -348,69 +332,6 @@ def run_vm(args: Options) -> int:
     return status
 
 
-def run_fleet(args: Options) -> int:
-    """The ``fleet`` command: launch the VMs, print one JSON line, wait for a signal, stop them."""
-    import json
-
-    from .launcher import GuestVMMError, launch_fleet
-
-    signalled: list[int] = []
-
-    def on_signal(signum: int, frame: object) -> None:
-        signalled.append(signum)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, on_signal)
-    _raise_nofile_limit()
-    try:
-        fleet = launch_fleet(
-            args.vms,
-            vcpus=args.vcpus,
-            workload=args.workload,
-            loops=args.loops,
-            name_prefix=args.name_prefix,
-            stats_fds=args.stats_fds,
-            exit_after_done=args.exit_after_done,
-            die_with_parent=True,
-        )
-    except (OSError, GuestVMMError) as exc:
-        print(f"{PROG}: fleet: {exc}", file=sys.stderr)
-        return 2
-    with fleet:
-        try:
-            fleet.wait_ready(timeout=args.timeout, abort=lambda: bool(signalled))
-        except GuestVMMError as exc:
-            print(f"{PROG}: fleet: {exc}", file=sys.stderr)
-            return 2
-        if signalled:
-            return 0
-        print(json.dumps({"pids": fleet.pids, "names": fleet.names, "vms": len(fleet.pids)}), flush=True)
-        if args.exit_after_done:  # the VMs exit by themselves
-            return 0 if all(m.popen.wait() == 0 for m in fleet.members) else 1
-        # Wait for a signal; SIGCHLD wakes us to report a VM that died on its own.
-        wake = _Wakeup()
-        signal.set_wakeup_fd(wake.wfd, warn_on_full_buffer=False)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        reported: set[int] = set()
-        while not signalled:
-            wake.wait()
-            for m in fleet.members:
-                rc = m.popen.poll()
-                if rc is not None and m.pid not in reported:
-                    reported.add(m.pid)
-                    print(f"{PROG}: fleet: {m.name} (pid {m.pid}) exited with status {rc}", file=sys.stderr)
-    return 0
-
-
-def _raise_nofile_limit() -> None:
-    """A fleet parent holds two pipes per VM: lift the soft fd limit to the hard one."""
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in args):
@@ -421,9 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         sys.stderr.write(USAGE.split("\n\n", 1)[0] + f"\n{PROG}: error: {exc}\n")
         return 2
-    if opts.command == "vm":
-        return run_vm(opts)
-    return run_fleet(opts)
+    return run_vm(opts)
 
 
 if __name__ == "__main__":

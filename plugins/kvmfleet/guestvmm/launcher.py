@@ -1,4 +1,4 @@
-"""Start guest VMM processes from Python: one (:func:`launch`) or a fleet (:func:`launch_fleet`).
+"""Start a guest VMM process from Python (:func:`launch`; fleets of them: ``tests/support/guestfleet.py``).
 
 Each VM is a child process ``sys.executable -m kvmfleet.guestvmm vm -name guest=NAME -uuid UUID ...``
 that reports readiness on a private pipe. Typical use::
@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -124,7 +123,7 @@ def _private_pycache_dir() -> str | None:
     return path
 
 
-def _check_args(vcpus: int, workload: str, loops: int, stats_fds: str) -> None:
+def check_args(vcpus: int, workload: str, loops: int, stats_fds: str) -> None:
     if workload not in guests.WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; choose from {', '.join(guests.WORKLOADS)}")
     if stats_fds not in STATS_FDS_CHOICES:
@@ -264,7 +263,7 @@ def launch(
     ``uuid`` defaults to :func:`guest_uuid` of ``name``. ``die_with_parent`` makes the kernel send
     SIGTERM to the VM when the *thread* that launched it exits (PR_SET_PDEATHSIG).
     """
-    _check_args(vcpus, workload, loops, stats_fds)
+    check_args(vcpus, workload, loops, stats_fds)
     rfd, wfd = os.pipe2(os.O_CLOEXEC)
     try:
         argv = vm_command(
@@ -293,113 +292,3 @@ def launch(
     finally:
         os.close(wfd)
     return GuestProcess(popen, rfd, name, uuid or guest_uuid(name))
-
-
-class Fleet:
-    """Many guest VMM processes, started by :func:`launch_fleet`."""
-
-    def __init__(self, members: Sequence[GuestProcess]) -> None:
-        self.members = list(members)
-
-    @property
-    def pids(self) -> list[int]:
-        return [m.pid for m in self.members]
-
-    @property
-    def names(self) -> list[str]:
-        return [m.name for m in self.members]
-
-    def wait_ready(self, timeout: float = 120.0, abort: Callable[[], bool] | None = None) -> list[dict[str, Any]]:
-        """Wait until every member is ready; returns their ready lines in member order.
-
-        Raises GuestVMMError as soon as one member fails, or at the timeout. ``abort`` is polled a few
-        times a second; when it returns True the wait ends early (the result then lacks some members).
-        """
-        deadline = time.monotonic() + timeout
-        for m in self.members:
-            if m.info is None and m.fileno() < 0:
-                raise GuestVMMError(m._failure("was stopped before it was ready"))
-        pending = {m.fileno(): m for m in self.members if m.info is None}
-        with selectors.DefaultSelector() as sel:
-            for fd in pending:
-                sel.register(fd, selectors.EVENT_READ)
-            while pending:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    names = ", ".join(sorted(m.name for m in pending.values())[:5])
-                    raise GuestVMMError(f"{len(pending)} guests not ready after {timeout:g} s ({names} ...)")
-                if abort is not None and abort():
-                    break
-                for key, _ in sel.select(min(remaining, 0.2)):
-                    member = pending[key.fd]
-                    member._read_ready()
-                    if member.info is not None:
-                        sel.unregister(key.fd)
-                        del pending[key.fd]
-        return [m.info for m in self.members if m.info is not None]
-
-    def stop(self, timeout: float = 10.0) -> list[int]:
-        """SIGTERM every member, wait (SIGKILL after ``timeout``); returns their exit statuses."""
-        for m in self.members:
-            m.terminate()
-        deadline = time.monotonic() + timeout
-        statuses = []
-        for m in self.members:
-            statuses.append(m.stop(max(0.0, deadline - time.monotonic())))
-        return statuses
-
-    def __enter__(self) -> Fleet:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def __len__(self) -> int:
-        return len(self.members)
-
-
-def fleet_names(count: int, name_prefix: str = "kvmfleet-guest") -> list[str]:
-    """The names :func:`launch_fleet` gives: ``PREFIX-000``, ``PREFIX-001``, ..."""
-    width = max(3, len(str(count - 1)))
-    return [f"{name_prefix}-{i:0{width}d}" for i in range(count)]
-
-
-def launch_fleet(
-    count: int,
-    vcpus: int = 1,
-    workload: str = "halt",
-    loops: int = 1,
-    stats_fds: str = "all",
-    *,
-    name_prefix: str = "kvmfleet-guest",
-    exit_after_done: bool = False,
-    die_with_parent: bool = False,
-    python: str | None = None,
-) -> Fleet:
-    """Start ``count`` VM processes (names from :func:`fleet_names`); call :meth:`Fleet.wait_ready` next.
-
-    Each member holds two pipes in this process until it is ready (one after): keep RLIMIT_NOFILE above
-    ``2 * count`` plus what the caller uses. On a failure to start one, the ones started are stopped.
-    """
-    _check_args(vcpus, workload, loops, stats_fds)
-    members: list[GuestProcess] = []
-    try:
-        for name in fleet_names(count, name_prefix):
-            members.append(
-                launch(
-                    name,
-                    vcpus,
-                    workload,
-                    loops,
-                    stats_fds,
-                    exit_after_done=exit_after_done,
-                    die_with_parent=die_with_parent,
-                    python=python,
-                )
-            )
-    except BaseException:
-        Fleet(members).stop()
-        raise
-    return Fleet(members)

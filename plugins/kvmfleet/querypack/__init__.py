@@ -24,7 +24,8 @@ from functools import lru_cache
 from importlib import resources
 from typing import Any
 
-SEVERITIES = ("info", "warning", "critical")
+from .. import schema
+from ..severity import SEVERITIES
 
 _DURATION = re.compile(r"^(?:\d+(?:ns|us|µs|u|ms|s|m|h|d|w))+$")
 _DURATION_PART = re.compile(r"(\d+)(ns|us|µs|u|ms|s|m|h|d|w)")
@@ -430,7 +431,7 @@ def load_counters() -> dict[str, CounterDoc]:
         out[name] = CounterDoc(name=name, scope=str(raw.get("scope", "")), kind=str(raw.get("kind", "")),
                                counts=" ".join(str(raw.get("counts", "")).split()),
                                high=" ".join(str(raw.get("high", "")).split()),
-                               old=tuple(raw.get("old") or ()), rules=tuple(raw.get("rules") or ()))
+                               old=schema.OLD_NAMES.get(name, ()), rules=tuple(raw.get("rules") or ()))
     return out
 
 

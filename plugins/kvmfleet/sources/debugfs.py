@@ -18,6 +18,7 @@ import re
 import stat
 
 from .. import procfs
+from ..facts import lockdown_mode
 from ..identity import parse_identity
 from ..logsay import SayOnce
 from ..model import StatDesc, Stats, StatType, StatUnit, Usability, Value, VMIdentity, VMKey, VMReading
@@ -46,16 +47,6 @@ def guess_desc(name: str, mode: int) -> StatDesc | None:
     if name == "guest_mode":
         return StatDesc(name, kind, StatUnit.BOOLEAN)
     return StatDesc(name, kind)
-
-
-def lockdown_mode(path: str = "/sys/kernel/security/lockdown") -> str:
-    try:
-        with open(path) as handle:
-            text = handle.read()
-    except OSError:
-        return "unknown"
-    match = re.search(r"\[(\w+)\]", text)
-    return match.group(1) if match else "unknown"
 
 
 class DebugfsSource(Source):

@@ -24,6 +24,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvmfleet import schema
+from kvmfleet.ship.lineproto import encode_fields, series_prefix
+
 # Cumulative counters (per vCPU-second rates in profiles) and instant ones (per-vCPU levels).
 CUMULATIVE = (
     "exits", "halt_exits", "halt_wakeup", "halt_successful_poll", "halt_attempted_poll", "halt_poll_invalid",
@@ -36,9 +39,8 @@ CUMULATIVE = (
 )
 INSTANT = ("mmu_unsync", "pages_4k", "pages_2m", "pages_1g")
 
-# Old kernels' names (KERNEL-NOTES.md): new name -> old name. mmu_pte_updated is an extra old counter.
-OLD_NAMES = {"irq_window_exits": "irq_window", "request_irq_exits": "request_irq", "pages_2m": "largepages",
-             "nmi_window_exits": "nmi_window"}
+# Old kernels' names (kvmfleet.schema.OLD_NAMES): new name -> the old name written with ``old_names``.
+OLD_NAMES = {new: olds[0] for new, olds in schema.OLD_NAMES.items()}
 # Counters old kernels did not have at all.
 NEW_ONLY = ("nested_run", "halt_poll_success_ns", "halt_poll_fail_ns", "halt_poll_invalid", "pages_4k",
             "pages_1g", "directed_yield_attempted", "directed_yield_successful")
@@ -142,24 +144,6 @@ class HostSpec:
     counted_s: float = 86400.0  # about how long the counters have been counting at the first sample
 
 
-def _esc_tag(value: str) -> str:
-    return value.replace("\\", "\\\\").replace(",", r"\,").replace("=", r"\=").replace(" ", r"\ ")
-
-
-def _prefix(measurement: str, tags: Mapping[str, str]) -> str:
-    return measurement + "".join(f",{k}={_esc_tag(v)}" for k, v in sorted(tags.items()) if v)
-
-
-def _fieldval(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int):
-        return f"{v}i"
-    if isinstance(v, float):
-        return repr(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
 def _names(spec: HostSpec) -> list[tuple[str, str, bool]]:
     """(counter, field name written, cumulative?) for this host."""
     out = []
@@ -182,22 +166,22 @@ def host_lines(spec: HostSpec, end_s: int, duration_s: int, step_s: int = 10, se
         names.append(("mmu_pte_write", "mmu_pte_updated", True))  # the old extra counter, shadow-only too
     keys = [f"{written}=" for _, written, _ in names]
     is_cum = [c for _, _, c in names]
-    host_prefix = _prefix("kvm", dict(spec.tags, host=spec.name))
-    facts_prefix = _prefix("kvm_host", dict(spec.tags, host=spec.name))
+    host_prefix = series_prefix(schema.M_HOST, dict(spec.tags, host=spec.name))
+    facts_prefix = series_prefix(schema.M_FACTS, dict(spec.tags, host=spec.name))
     facts_text = ""
     if spec.facts is not None:
         facts = {k: v for k, v in spec.facts.items() if v is not None}
         facts.setdefault("vms", len(spec.vms))
         facts.setdefault("vcpus", sum(vm.vcpus for vm in spec.vms))
-        facts_text = ",".join(f"{k}={_fieldval(v)}" for k, v in sorted(facts.items()))
+        facts_text = encode_fields(facts)
     vms = []
     for vm in spec.vms:
         tags = dict(spec.tags, host=spec.name, vm=vm.name, vm_uuid=vm.uuid, vmm=vm.vmm)
         prof = PROFILES[vm.profile]
         rates = [prof.get(counter, 0.0) * vm.vcpus * spec.scale for counter, _, _ in names]
         start_vals = [rng.uniform(0.5, 2.0) * spec.counted_s * r if c else 0.0 for r, c in zip(rates, is_cum)]
-        vcpu_prefixes = [_prefix("kvm_vcpu", dict(tags, vcpu=str(i))) for i in range(vm.vcpus)]
-        vms.append((vm, _prefix("kvm_vm", tags), vcpu_prefixes, rates, start_vals))
+        vcpu_prefixes = [series_prefix(schema.M_VCPU, dict(tags, vcpu=str(i))) for i in range(vm.vcpus)]
+        vms.append((vm, series_prefix(schema.M_VM, tags), vcpu_prefixes, rates, start_vals))
     start = end_s - duration_s
     resets = sorted(spec.resets)
     n = len(names)
