@@ -14,7 +14,7 @@ same run and over the same VMs:
   including the shipper thread and the writer's share of the dispatched values. Measured with ``Dispatch true``
   (the default) and ``Dispatch false``. The plugin's own ``read_cpu_s`` (read thread CPU up to the agent point)
   is shown too;
-* encoding: lines per second of the plugin's line-protocol path (:class:`kvmfleet.agent.PointBuilder`) against
+* encoding: lines per second of the plugin's line-protocol path (:class:`kvmfleet.points.PointBuilder`) against
   influxdb-client's ``Point`` building the same lines (checked equal), over one sample of the fleet.
 
 Prints a table; the last lines are ``plugin_overhead_ratio=`` (plugin CPU per sample in collectd, dispatch on /
@@ -40,9 +40,10 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from kvmfleet.agent import AgentConfig, PointBuilder
 from kvmfleet.collectd_config import render
 from kvmfleet.collector import Collector
+from kvmfleet.options import AgentConfig
+from kvmfleet.points import PointBuilder
 from kvmfleet.sources import make_source
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.support

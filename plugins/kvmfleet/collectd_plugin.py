@@ -1,9 +1,9 @@
 """collectd glue for kvmfleet: ``Import "kvmfleet.collectd_plugin"`` and a ``<Module "kvmfleet.collectd_plugin">``
 block in collectd's ``<Plugin python>`` (see ``docs/plugin.md``; ``kvmfleet collectd-config`` writes one).
 
-Only callbacks live here; the work is in :mod:`kvmfleet.agent`:
+Only callbacks live here; the work is in :mod:`kvmfleet.options` and :mod:`kvmfleet.agent`:
 
-* config: the ``<Module>`` block -> :func:`~kvmfleet.agent.parse_config` and the writer (secret files read now).
+* config: the ``<Module>`` block -> :func:`~kvmfleet.options.parse_config` and the writer (secret files read now).
   Each mistake is logged as one error line naming the option, its value and what was expected; the plugin then
   stays inactive (no read callback, no thread, nothing written) while collectd goes on with its other plugins.
 * init: learn collectd's ``Hostname``, open the source, load the spool, start the one sender thread, register
@@ -24,6 +24,8 @@ from typing import Any
 import collectd
 
 from . import agent as _agent
+from . import options as _options
+from .points import AGENT_PLUGIN_NAME
 
 MODULE = _agent.MODULE_NAME
 
@@ -55,7 +57,7 @@ class _State:
     def __init__(self) -> None:
         self.configured = 0
         self.failed = False
-        self.config: _agent.AgentConfig | None = None
+        self.config: _options.AgentConfig | None = None
         self.writer: Any = None
         self.agent: _agent.Agent | None = None
         self.read_id: Any = None
@@ -88,12 +90,12 @@ def config(conf: Any) -> None:
         collectd.error(f'kvmfleet: config: <Module "{MODULE}"> appears more than once: expected one block')
         _inactive("configured twice")
         return
-    entries = [_agent.ConfigEntry(str(child.key), tuple(child.values), len(child.children))
+    entries = [_options.ConfigEntry(str(child.key), tuple(child.values), len(child.children))
                for child in conf.children]
     try:
-        cfg = _agent.parse_config(entries)
-        writer = _agent.build_writer(cfg)
-    except _agent.ConfigError as e:
+        cfg = _options.parse_config(entries)
+        writer = _options.build_writer(cfg)
+    except _options.ConfigError as e:
         for problem in e.problems:
             collectd.error(f"kvmfleet: config: {problem}")
         _inactive(f"{len(e.problems)} configuration error(s) in <Module \"{MODULE}\">")
@@ -121,7 +123,7 @@ def collectd_hostname() -> str:
     ident = None
     try:
         ident = collectd.register_write(probe, name="kvmfleet_hostname_probe")
-        collectd.Values(type="gauge", plugin=_agent.AGENT_PLUGIN_NAME, type_instance="hostname_probe",
+        collectd.Values(type="gauge", plugin=AGENT_PLUGIN_NAME, type_instance="hostname_probe",
                         values=[0]).write(destination=ident)
     except Exception as e:
         collectd.warning(f"kvmfleet: cannot learn collectd's Hostname ({type(e).__name__}: {e}); "
@@ -137,7 +139,7 @@ def collectd_hostname() -> str:
 
 def _sink(plugin: str, plugin_instance: str, time_s: float, types: Sequence[str], names: Sequence[str],
           values: Sequence[int | float]) -> int:
-    """Dispatch one group of values (see :class:`kvmfleet.agent.ValueSink`)."""
+    """Dispatch one group of values (see :class:`kvmfleet.points.ValueSink`)."""
     vl = STATE.values
     vl.plugin = plugin
     vl.plugin_instance = plugin_instance
@@ -162,7 +164,7 @@ def init() -> None:
         return
     cfg = STATE.config
     if cfg is None:  # Import without a <Module> block: the defaults
-        cfg = _agent.parse_config([])
+        cfg = _options.parse_config([])
         collectd.info(f'kvmfleet: no <Module "{MODULE}"> block: using the defaults')
     hostname = collectd_hostname()
     agent = _agent.Agent(cfg, STATE.writer)

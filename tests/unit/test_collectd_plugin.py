@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from tests.support import collectd_stub
 from tests.support.collectd_stub import StubCollectd, module_block
-from tests.unit.test_agent import SECRET, ListSource, reading, secret
+from tests.unit.agentdata import SECRET, ListSource, reading, secret
 
 from kvmfleet import agent as ag
 

@@ -1,0 +1,160 @@
+"""kvmfleet.points: samples to line protocol (byte-equal to influxdb-client) and to dispatched values."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from influxdb_client import Point  # type: ignore[attr-defined]
+from tests.unit.agentdata import (
+    dict_reading,
+    entries,
+    parse_line,
+    reading,
+    sample_of,
+)
+
+from kvmfleet import points as pt
+from kvmfleet.facts import HostFacts
+from kvmfleet.options import AgentConfig, parse_config
+from kvmfleet.points import PointBuilder
+
+
+# -- points -------------------------------------------------------------------------------------------------------
+def builder(**kw: Any) -> PointBuilder:
+    cfg = AgentConfig(**kw)
+    return PointBuilder(cfg, "hv 1")
+
+
+def test_lines_per_measurement_with_tags_fields_and_timestamp() -> None:
+    s = sample_of(reading(11, "web,1", uuid="u-11"), reading(12, "db", uuid=None, vmm="firecracker"))
+    b = builder(per_vcpu=True, tags={"rack": "r 9", "dc": "eu"})
+    lines = b.build(s).lines
+    parsed = [parse_line(t) for t in lines]
+    assert [p[0] for p in parsed] == ["kvm", "kvm_vm", "kvm_vcpu", "kvm_vcpu", "kvm_vm", "kvm_vcpu", "kvm_vcpu"]
+    assert all(p[3] == s.time_ns for p in parsed)
+    host, vm11, vc0 = parsed[0], parsed[1], parsed[2]
+    assert host[1] == {"host": r"hv\ 1", "rack": r"r\ 9", "dc": "eu"}
+    assert vm11[1] == {"host": r"hv\ 1", "rack": r"r\ 9", "dc": "eu", "vm": r"web\,1", "vm_uuid": "u-11",
+                       "vmm": "qemu"}
+    assert parsed[4][1]["vmm"] == "firecracker" and "vm_uuid" not in parsed[4][1]
+    assert vc0[1]["vcpu"] == "0" and vc0[1]["vm"] == r"web\,1"
+    # fields: the kernel's names, integers; VM-level stats plus the vCPUs' sums
+    assert vm11[2]["halt_exits"] == "20i" and vm11[2]["exits"] == str(15 + 16) + "i"
+    assert vm11[2]["pages_4k"] == "111i" and vm11[2]["mmu_pte_write"] == "22i"
+    assert host[2]["halt_exits"] == "40i" and host[2]["pages_4k"] == str(111 + 112) + "i"
+    assert host[2]["max_mmu_rmap_size"] == "7i"
+    assert vc0[2]["halt_exits"] == "10i" and "pages_4k" not in vc0[2]
+    # histograms: non-zero buckets only, numbered from 0
+    assert {k: v for k, v in vm11[2].items() if "_bucket_" in k} == {"halt_wait_hist_bucket_1": "6i",
+                                                                      "halt_wait_hist_bucket_3": "2i"}
+    assert {k: v for k, v in host[2].items() if "_bucket_" in k} == {"halt_wait_hist_bucket_1": "12i",
+                                                                     "halt_wait_hist_bucket_3": "4i"}
+    assert {k: v for k, v in vc0[2].items() if "_bucket_" in k} == {"halt_wait_hist_bucket_1": "3i",
+                                                                    "halt_wait_hist_bucket_3": "1i"}
+
+
+def test_lines_equal_influxdb_client_points() -> None:
+    s = sample_of(reading(11, 'we b"x', uuid="u-11"))
+    b = builder(per_vcpu=True, tags={"rack": "r=9"})
+    ours = b.build(s).lines
+    vm = s.vms[0]
+
+    def point(measurement: str, tags: dict[str, str], stats: Any) -> str:
+        p = Point(measurement)
+        for k, v in tags.items():
+            p.tag(k, v)
+        for k, v in stats.items():
+            if isinstance(v, tuple):
+                for i, c in enumerate(v):
+                    if c:
+                        p.field(f"{k}_bucket_{i}", c)
+            else:
+                p.field(k, v)
+        return str(p.time(s.time_ns).to_line_protocol())
+
+    base = {"host": "hv 1", "rack": "r=9"}
+    want = [point("kvm", base, s.host),
+            point("kvm_vm", {**base, "vm": 'we b"x', "vm_uuid": "u-11", "vmm": "qemu"}, vm.stats)]
+    want += [point("kvm_vcpu", {**base, "vm": 'we b"x', "vm_uuid": "u-11", "vmm": "qemu", "vcpu": str(i)},
+                   vm.vcpus[i]) for i in (0, 1)]
+
+    def canon(text: str) -> tuple[str, frozenset[str], int]:
+        head, fields, ts = re.split(r"(?<!\\) ", text)
+        return head, frozenset(re.split(r"(?<!\\),", fields)), int(ts)
+
+    assert [canon(t) for t in ours] == [canon(t) for t in want]
+
+
+def test_dict_stats_give_the_same_fields_as_stat_blocks() -> None:
+    blocks = builder().build(sample_of(reading(11, "a"))).lines
+    dicts = builder().build(sample_of(dict_reading(11, "a"))).lines
+    assert parse_line(blocks[1])[2] == parse_line(dicts[1])[2]
+
+
+def test_include_exclude_and_histograms_off() -> None:
+    s = sample_of(reading(11, "a"))
+    cfg = parse_config(entries(("Include", "exits$", "hist"), ("Exclude", "^mmio")))
+    lines = PointBuilder(cfg, "h").build(s).lines
+    assert set(parse_line(lines[1])[2]) == {"exits", "halt_exits", "halt_wait_hist_bucket_1",
+                                            "halt_wait_hist_bucket_3"}
+    assert set(parse_line(lines[0])[2]) == set(parse_line(lines[1])[2])
+    no_hist = builder(histograms=False).build(s).lines
+    assert not any("_bucket_" in t for t in no_hist)
+
+
+def test_all_counters_filtered_out_gives_no_line() -> None:
+    cfg = parse_config(entries(("Include", "^nothing-matches$")))
+    assert PointBuilder(cfg, "h").build(sample_of(reading(11, "a"))).lines == []
+
+
+def test_per_vm_off() -> None:
+    s = sample_of(reading(11, "a"), reading(12, "b"))
+    assert [parse_line(t)[0] for t in builder(per_vm=False).build(s).lines] == ["kvm"]
+    assert [parse_line(t)[0] for t in builder(per_vm=False, per_vcpu=True).build(s).lines] == [
+        "kvm", "kvm_vcpu", "kvm_vcpu", "kvm_vcpu", "kvm_vcpu"]
+
+
+def test_duplicate_vm_names_the_oldest_keeps_the_name() -> None:
+    s = sample_of(reading(20, "dup", start=500), reading(21, "dup", start=100), reading(22, "solo"))
+    names = [parse_line(t)[1]["vm"] for t in builder().build(s).lines[1:]]
+    assert names == ["dup-pid20", "dup", "solo"]
+
+
+def test_dispatch_groups_types_and_instances() -> None:
+    got: list[tuple[Any, ...]] = []
+
+    def sink(plugin: str, pi: str, t: float, types: Any, names: Any, values: Any) -> int:
+        got.append((plugin, pi, t, dict(zip(names, zip(types, values)))))
+        return len(names)
+
+    s = sample_of(reading(11, "web/1"))
+    result = builder(per_vcpu=True).build(s, lines=False, sink=sink)
+    assert result.lines == [] and result.dispatched == sum(len(g[3]) for g in got)
+    assert [(g[0], g[1]) for g in got] == [("kvm", ""), ("kvm", "web_1")]  # per-vCPU values are not dispatched
+    assert all(g[2] == s.time_ns / 1e9 for g in got)
+    host, vm = got[0][3], got[1][3]
+    assert host["halt_exits"] == ("derive", 20) and host["pages_4k"] == ("gauge", 111)
+    assert host["max_mmu_rmap_size"] == ("gauge", 7) and vm["guest_mode"] == ("gauge", 0)
+    assert not any("hist" in name for g in got for name in g[3])  # histograms are not dispatched
+
+
+def test_plugin_instance_sanitized_and_bounded() -> None:
+    assert pt.plugin_instance("a/b\nc") == "a_b_c"
+    long = pt.plugin_instance("é" * 200)
+    assert len(long.encode()) <= 110 and long == "é" * 55
+
+
+def test_facts_line() -> None:
+    facts = HostFacts(cpu_ept=True, cpu_npt=None, ept_param=False, tdp_mmu=True, lockdown="integrity",
+                      kvm_backend="kvm_intel")
+    facts.tdp = {"state": "disabled", "reason": "ept=N", "backend": "kvm_intel", "tdp_mmu": True, "nested": None,
+                 "is_guest": False}
+    b = builder()
+    b.set_facts(facts)
+    s = sample_of(reading(11, "a", vcpus=3), reading(12, "b", vcpus=1))
+    m, tags, fields, ts = parse_line(b.facts_line(s))
+    assert (m, tags, ts) == ("kvm_host", {"host": r"hv\ 1"}, s.time_ns)
+    assert fields == {"tdp_state": '"disabled"', "tdp_enabled": "false", "cpu_ept": "true", "ept_param": "false",
+                      "tdp_mmu": "true", "is_guest": "false", "lockdown": '"integrity"',
+                      "kvm_module": '"kvm_intel"', "vms": "2i", "vcpus": "4i"}
