@@ -113,7 +113,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("LibvirtURI", "string", DEFAULT_URI, "the libvirt connection of the `libvirt` source and of `auto`'s "
            "libvirt part; needs `python3-libvirt` visible to collectd's Python (the venv made with "
            "`--system-site-packages`)", "libvirt_uri", role_var=_role("libvirt_uri")),
-    Option("InfluxURL", "url", None, "the InfluxDB (or VictoriaMetrics) base URL, `http(s)://host:port[/path]`; no "
+    Option("InfluxURL", "url", None, "the InfluxDB (or VictoriaMetrics) base URL; no "
            "credentials, query or fragment in it", "url", shipping=True, role_var=_role("influx_url"),
            shown_default="none: no shipping"),
     Option("InfluxAPI", "choice", SHIP_DEFAULTS.api, "`v1`: HTTP `/write?db=...` for InfluxDB 1.x; `v2`: "

@@ -1,9 +1,8 @@
-"""The Ansible parts pass ansible-lint (production profile) and yamllint, and their docs match their specs."""
+"""The Ansible parts pass ansible-lint (production profile) and yamllint; the playbooks parse."""
 
 from __future__ import annotations
 
 import subprocess
-import sys
 
 from .conftest import ROOT, require_tool
 
@@ -44,8 +43,3 @@ def test_example_vault_secrets_decrypt(tool_env, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert '"msg": true' in proc.stdout
 
-
-def test_roles_doc_matches_argument_specs_and_defaults():
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "roles-doc"), "--check"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
