@@ -120,6 +120,23 @@ class HostTotals:
 
     def update(self, vms: list[VMSample]) -> tuple[Stats, int]:
         """(host totals, number of VMs retired by this update)."""
+        gone = self._track(vms)
+        groups = self._groups(vms)
+        scalars = self._scalars(groups)
+        hist_names = [name for name, desc in self.descs.items() if desc.type.is_histogram]
+        retired_hists = {name: self._retired.get(name) for name in hist_names}
+
+        def hist(name: str) -> tuple[int, ...]:
+            total = retired_hists.get(name)
+            for group in groups:
+                if name in group:
+                    total = add_values(total, group[name])
+            return total if isinstance(total, tuple) else ()
+
+        return HostStats(scalars, hist_names, hist), gone
+
+    def _track(self, vms: list[VMSample]) -> int:
+        """Learn new descriptors, retire the VMs (and vCPUs) that are gone; how many VMs went."""
         for vm in vms:
             if vm.descs is not self._last.get(vm.identity.key, vm).descs or not self.descs:
                 for name, vm_desc in vm.descs.items():
@@ -134,8 +151,11 @@ class HostTotals:
                 # vCPUs gone from a live VM (unplugged, or their fds dropped): keep what they counted
                 self._retire([last.vcpus[vcpu] for vcpu in last.vcpus.keys() - vm.vcpus.keys()])
         self._last = live
+        return len(gone)
 
-        # sum like with like: parts of one shape column-wise, the rest (debugfs dicts) name by name
+    def _groups(self, vms: list[VMSample]) -> list[Stats]:
+        """The live VMs' stats summed like with like: parts of one shape column-wise, the rest (debugfs dicts)
+        name by name."""
         by_shape: dict[int, list[StatBlock]] = {}
         loose: list[Stats] = []
         for vm in vms:
@@ -147,7 +167,11 @@ class HostTotals:
         groups: list[Stats] = [sum_blocks(blocks) for blocks in by_shape.values()]
         if loose:
             groups.append(combine(loose, self.descs))
+        return groups
 
+    def _scalars(self, groups: list[Stats]) -> dict[str, int]:
+        """Host scalar totals: sums (cumulative ones with the retired VMs', never below what was reported), the
+        peaks' maximum ever seen."""
         scalars: dict[str, int] = {}
         peaks_now: dict[str, int] = {}
         for group in groups:
@@ -169,18 +193,7 @@ class HostTotals:
         for name, value in peaks_now.items():
             self._peaks[name] = max(self._peaks.get(name, value), value)
         scalars.update(self._peaks)
-
-        hist_names = [name for name, desc in self.descs.items() if desc.type.is_histogram]
-        retired_hists = {name: self._retired.get(name) for name in hist_names}
-
-        def hist(name: str) -> tuple[int, ...]:
-            total = retired_hists.get(name)
-            for group in groups:
-                if name in group:
-                    total = add_values(total, group[name])
-            return total if isinstance(total, tuple) else ()
-
-        return HostStats(scalars, hist_names, hist), len(gone)
+        return scalars
 
 
 class Collector:

@@ -254,6 +254,17 @@ def _die_with_parent() -> None:
         raise KvmError("prctl(PR_SET_PDEATHSIG)", "parent already exited")
 
 
+def _ready_state(args: Options, vm: GuestVM) -> str | None:
+    """The state to report once the VM is ready: idle, done (every vCPU ran its loops), running (--loops 0)."""
+    if args.workload == "idle":
+        return "idle"
+    if args.loops > 0 and vm.all_done:
+        return "done"
+    if args.loops == 0 and vm.all_started:
+        return "running"
+    return None
+
+
 def run_vm(args: Options) -> int:
     """The ``vm`` command: run one VM until signalled (or done, with --exit-after-done)."""
     signalled: list[int] = []
@@ -287,30 +298,13 @@ def run_vm(args: Options) -> int:
                 print(f"{PROG}: {vm.error}", file=sys.stderr)
                 status = 2
                 break
-            if not reported:
-                state = None
-                if args.workload == "idle":
-                    state = "idle"
-                elif args.loops > 0 and vm.all_done:
-                    state = "done"
-                elif args.loops == 0 and vm.all_started:
-                    state = "running"
-                if state is not None:
-                    reported = True
-                    _report(
-                        args,
-                        ready_line(
-                            name=args.name,
-                            uuid=args.uuid,
-                            vcpus=args.vcpus,
-                            workload=args.workload,
-                            loops=args.loops,
-                            state=state,
-                            stats_fds=vm.stats_fds(),
-                        ),
-                    )
-                    if args.exit_after_done and state != "running":
-                        break
+            state = None if reported else _ready_state(args, vm)
+            if state is not None:
+                reported = True
+                _report(args, ready_line(name=args.name, uuid=args.uuid, vcpus=args.vcpus, workload=args.workload,
+                                         loops=args.loops, state=state, stats_fds=vm.stats_fds()))
+                if args.exit_after_done and state != "running":
+                    break
             wake.wait()
     except KvmError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)

@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Union
 
 log = logging.getLogger("kvmfleet.ship.spool")
@@ -105,64 +105,71 @@ def load_spool(path: PathLike, max_lines: int | None = None) -> list[str]:
     except OSError as e:
         log.error("spool: cannot read %s: %s", path, e)
         return []
+    with f:
+        kept, total, problems = _read_records(f, max_lines)
+    if max_lines and total > max_lines:
+        log.warning("spool: %s holds %d lines, keeping the newest %d", path, total, max_lines)
+    _dispose(path, problems, len(kept))
+    return list(kept)
+
+
+def _read_records(f: Iterable[bytes], max_lines: int | None) -> tuple[deque[str], int, list[str]]:
+    """(the newest ``max_lines`` lines, how many the file held, what is wrong with it) of an open spool file."""
     kept: deque[str] = deque(maxlen=max_lines) if max_lines else deque()
     problems: list[str] = []
     total = 0
     end_count: int | None = None
     declared: int | None = None
-    with f:
-        for lineno, raw in enumerate(f, 1):
-            if lineno == 1:
-                if not raw.startswith(HEADER_PREFIX):
-                    problems.append("no spool header")
-                else:
-                    with contextlib.suppress(ValueError, IndexError):
-                        declared = int(raw.rsplit(b"lines=", 1)[1])
-                    continue
-            if raw.startswith(END_PREFIX):
-                try:
-                    end_count = int(raw[len(END_PREFIX):])
-                except ValueError:
-                    problems.append(f"bad end marker at line {lineno}")
+    for lineno, raw in enumerate(f, 1):
+        if lineno == 1:
+            if not raw.startswith(HEADER_PREFIX):
+                problems.append("no spool header")
+            else:
+                with contextlib.suppress(ValueError, IndexError):
+                    declared = int(raw.rsplit(b"lines=", 1)[1])
                 continue
-            if end_count is not None:
-                problems.append(f"data after the end marker at line {lineno}")
-                end_count = None
+        if raw.startswith(END_PREFIX):
             try:
-                text = json.loads(raw.decode("utf-8"))
+                end_count = int(raw[len(END_PREFIX):])
             except ValueError:
-                if len(problems) < 5:
-                    problems.append(f"unparsable record at line {lineno}")
-                else:
-                    problems.append("")
-                continue
-            if not isinstance(text, str) or not text:
-                problems.append(f"not a line at line {lineno}")
-                continue
-            kept.append(text)
-            total += 1
+                problems.append(f"bad end marker at line {lineno}")
+            continue
+        if end_count is not None:
+            problems.append(f"data after the end marker at line {lineno}")
+            end_count = None
+        try:
+            text = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            problems.append(f"unparsable record at line {lineno}" if len(problems) < 5 else "")
+            continue
+        if not isinstance(text, str) or not text:
+            problems.append(f"not a line at line {lineno}")
+            continue
+        kept.append(text)
+        total += 1
     if end_count is None:
         problems.append("no end marker (partial file)")
     elif end_count != total or (declared is not None and declared != total):
         problems.append(f"{total} records but the file declares {declared}/{end_count}")
-    if max_lines and total > max_lines:
-        log.warning("spool: %s holds %d lines, keeping the newest %d", path, total, max_lines)
-    if problems:
-        aside = f"{path}.bad-{int(time.time())}"
-        shown = "; ".join(p for p in problems if p)
-        try:
-            os.replace(path, aside)
-            log.error("spool: %s is damaged (%s); kept %d lines, moved the file to %s", path, shown, len(kept),
-                      aside)
-        except OSError as e:
-            log.error("spool: %s is damaged (%s); kept %d lines; cannot move it aside (%s), deleting it",
-                      path, shown, len(kept), e)
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-    else:
+    return kept, total, problems
+
+
+def _dispose(path: str, problems: list[str], kept: int) -> None:
+    """Delete a spool once loaded, or move a damaged one aside for a human to look at."""
+    if not problems:
         try:
             os.unlink(path)
         except OSError as e:
             log.error("spool: cannot delete %s after loading it: %s", path, e)
-        log.info("spool: loaded %d lines from %s", len(kept), path)
-    return list(kept)
+        log.info("spool: loaded %d lines from %s", kept, path)
+        return
+    aside = f"{path}.bad-{int(time.time())}"
+    shown = "; ".join(p for p in problems if p)
+    try:
+        os.replace(path, aside)
+        log.error("spool: %s is damaged (%s); kept %d lines, moved the file to %s", path, shown, kept, aside)
+    except OSError as e:
+        log.error("spool: %s is damaged (%s); kept %d lines; cannot move it aside (%s), deleting it",
+                  path, shown, kept, e)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
