@@ -17,6 +17,7 @@ from .model import StatDesc, Stats, StatType, VMKey
 from .options import AgentConfig
 from .ship.lineproto import encode_fields, escape_key, series_prefix
 from .statblock import MergedStats, StatBlock, scalar_items
+from .tdp import TDP_ENABLED, TDP_UNKNOWN
 
 PLUGIN_NAME = "kvm"  # collectd plugin name of the KVM values
 AGENT_PLUGIN_NAME = "kvmfleet"  # collectd plugin name of the agent's own metrics
@@ -317,10 +318,10 @@ class PointBuilder:
 
 def facts_fields(facts: HostFacts) -> dict[str, int | float | str | bool | None]:
     """The ``kvm_host`` fields that come from :class:`HostFacts` (``None``: unknown, left out of the point)."""
-    state = str(facts.tdp.get("state") or "unknown")
+    state = str(facts.tdp.get("state") or TDP_UNKNOWN)
     return {
         "tdp_state": state,
-        "tdp_enabled": state == "enabled",
+        "tdp_enabled": state == TDP_ENABLED,
         "cpu_ept": facts.cpu_ept,
         "cpu_npt": facts.cpu_npt,
         "ept_param": facts.ept_param,
