@@ -2,12 +2,10 @@
 
 :func:`gather` reads ``/proc`` and ``/sys`` (through a ``root`` prefix, so tests can point it at a fake
 tree) and returns a :class:`HostFacts`: CPU vendor and virtualization flags, the loaded KVM backend and
-its parameters, ``/dev/kvm``, kernel lockdown, debugfs, privileges, and the TDP verdict of
-:mod:`kvmfleet.tdp`: do the VMs on
-this host run with two-dimensional paging (Intel EPT / AMD NPT) or on shadow paging? The verdict matters
-when reading counters: ``mmu_pte_write``, ``mmu_flooded``, ``mmu_unsync`` and ``invlpg`` only move under
-shadow paging (or for nested L2 guests), see KERNEL-NOTES.md "Counters that tell shadow paging from
-EPT/NPT".
+its parameters, ``/dev/kvm``, kernel lockdown, debugfs, privileges, and the TDP verdict of :mod:`kvmfleet.tdp`:
+do the VMs on this host run with two-dimensional paging (Intel EPT / AMD NPT) or on shadow paging? The verdict
+matters when reading counters: ``mmu_pte_write``, ``mmu_flooded``, ``mmu_unsync`` and ``invlpg`` only move under
+shadow paging (or for nested L2 guests), see ``docs/queries.md`` (the shadow-paging rule).
 
 Nothing here raises on missing, unreadable or garbled files: a fact that cannot be read is recorded as
 ``"unknown"`` (strings) or ``None`` (booleans and numbers; ``null`` in JSON), and ``why_unknown`` maps the

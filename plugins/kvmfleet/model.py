@@ -52,7 +52,7 @@ class StatDesc:
     """What one statistic is: the binary stats descriptor minus its offset.
 
     Sources that do not know types (debugfs) fill in what the kernel's naming and file modes tell
-    (see :func:`kvmfleet.statnames.guess_desc`).
+    (see :func:`kvmfleet.sources.debugfs.guess_desc`).
     """
 
     name: str

@@ -3,7 +3,7 @@
 Each per-VM directory holds that VM's stats plus its vCPU stats summed over its vCPUs (the
 ``vcpuN/`` subdirectories hold only arch files such as ``tsc-offset``). Every file is opened, read
 and closed within the sample: an open debugfs file takes a reference on its VM, and a collector that
-kept one open would keep a dead VM's memory alive (see KERNEL-NOTES "Pinning").
+kept one open would keep a dead VM's memory alive (``docs/statistics.md``, "Borrowed fds and pinning").
 
 Under kernel lockdown reads fail with EPERM (integrity mode blocks the 0644 files, confidentiality
 all of them); the listing still works, so :meth:`DebugfsSource.listed_vms` keeps naming VMs for
