@@ -48,6 +48,7 @@ from kvmfleet.sources import make_source
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.support
 from tests.support.guestfleet import launch_fleet
+from tests.support.refpoints import client_lines
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -184,34 +185,6 @@ def cpu_timed(func: Callable[[], object], repeat: int) -> float:
     return statistics.median(runs)
 
 
-def point_lines(sample: Any, hostname: str) -> list[str]:
-    """The same lines as PointBuilder(per_vcpu=True), built with influxdb-client's Point."""
-    from influxdb_client import Point  # type: ignore[attr-defined]
-
-    def one(measurement: str, tags: dict[str, str], stats: Any) -> str:
-        p = Point(measurement)
-        for k, v in tags.items():
-            p.tag(k, v)
-        for k, v in stats.items():
-            if isinstance(v, tuple):
-                for i, c in enumerate(v):
-                    if c:
-                        p.field(f"{k}_bucket_{i}", c)
-            else:
-                p.field(k, v)
-        return str(p.time(sample.time_ns).to_line_protocol())
-
-    base = {"host": hostname}
-    out = [one("kvm", base, sample.host)]
-    for vm in sample.vms:
-        ident = vm.identity
-        tags = {**base, "vm": ident.name, "vmm": ident.vmm}
-        if ident.uuid:
-            tags["vm_uuid"] = ident.uuid
-        out.append(one("kvm_vm", tags, vm.stats))
-        for vcpu in sorted(vm.vcpus):
-            out.append(one("kvm_vcpu", {**tags, "vcpu": str(vcpu)}, vm.vcpus[vcpu]))
-    return out
 
 
 def canon(text: str) -> tuple[str, frozenset[str], str]:
@@ -264,12 +237,12 @@ def main() -> int:
             sample = collector.sample()
             builder = PointBuilder(AgentConfig(per_vcpu=True), "bench-hv")
             ours_lines = builder.build(sample).lines
-            theirs = point_lines(sample, "bench-hv")
+            theirs = client_lines(sample, "bench-hv")
             if sorted(map(canon, ours_lines)) != sorted(map(canon, theirs)):
                 print("error: PointBuilder and Point lines differ", file=sys.stderr)
                 return 1
             enc_ours = cpu_timed(lambda: builder.build(sample), max(5, args.repeat // 2))
-            enc_point = cpu_timed(lambda: point_lines(sample, "bench-hv"), max(3, args.repeat // 5))
+            enc_point = cpu_timed(lambda: client_lines(sample, "bench-hv"), max(3, args.repeat // 5))
             nlines = len(ours_lines)
             collector.close()
 

@@ -85,6 +85,7 @@ class _Series:
     name: str
     prefix: str
     instance: str
+    tags: dict[str, str]  # the kvm_vm tags; kvm_vcpu adds vcpu
     vcpu_prefixes: dict[int, str] = field(default_factory=dict)
 
 
@@ -220,22 +221,17 @@ class PointBuilder:
         series = self._series.get(vm.identity.key)
         if series is None or series.name != display:
             ident = vm.identity
-            tags = dict(self.base_tags)
-            tags[schema.T_VM], tags[schema.T_VMM] = display, ident.vmm
+            tags = {**self.base_tags, schema.T_VM: display, schema.T_VMM: ident.vmm}
             if ident.uuid:
                 tags[schema.T_VM_UUID] = ident.uuid
-            series = _Series(display, series_prefix(schema.M_VM, tags), plugin_instance(display))
+            series = _Series(display, series_prefix(schema.M_VM, tags), plugin_instance(display), tags)
             self._series[vm.identity.key] = series
         return series
 
-    def _vcpu_prefix(self, vm: VMSample, series: _Series, vcpu: int) -> str:
+    def _vcpu_prefix(self, series: _Series, vcpu: int) -> str:
         prefix = series.vcpu_prefixes.get(vcpu)
         if prefix is None:
-            ident = vm.identity
-            tags = dict(self.base_tags)
-            tags[schema.T_VM], tags[schema.T_VMM], tags[schema.T_VCPU] = series.name, ident.vmm, str(vcpu)
-            if ident.uuid:
-                tags[schema.T_VM_UUID] = ident.uuid
+            tags = {**series.tags, schema.T_VCPU: str(vcpu)}
             prefix = series.vcpu_prefixes[vcpu] = series_prefix(schema.M_VCPU, tags)
         return prefix
 
@@ -297,7 +293,7 @@ class PointBuilder:
                         plan, values = self.plan_for(stats, vm.descs)
                         body = self._body(plan, values, stats)
                         if body:
-                            out.append(f"{self._vcpu_prefix(vm, series, vcpu)} {body} {ts_text}")
+                            out.append(f"{self._vcpu_prefix(series, vcpu)} {body} {ts_text}")
             self._series = live  # forget VMs that are gone
         return BuildResult(out, dispatched)
 

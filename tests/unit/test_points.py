@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from influxdb_client import Point  # type: ignore[attr-defined]
+from tests.support.refpoints import client_lines
 from tests.unit.agentdata import (
     dict_reading,
     entries,
@@ -58,26 +58,7 @@ def test_lines_equal_influxdb_client_points() -> None:
     s = sample_of(reading(11, 'we b"x', uuid="u-11"))
     b = builder(per_vcpu=True, tags={"rack": "r=9"})
     ours = b.build(s).lines
-    vm = s.vms[0]
-
-    def point(measurement: str, tags: dict[str, str], stats: Any) -> str:
-        p = Point(measurement)
-        for k, v in tags.items():
-            p.tag(k, v)
-        for k, v in stats.items():
-            if isinstance(v, tuple):
-                for i, c in enumerate(v):
-                    if c:
-                        p.field(f"{k}_bucket_{i}", c)
-            else:
-                p.field(k, v)
-        return str(p.time(s.time_ns).to_line_protocol())
-
-    base = {"host": "hv 1", "rack": "r=9"}
-    want = [point("kvm", base, s.host),
-            point("kvm_vm", {**base, "vm": 'we b"x', "vm_uuid": "u-11", "vmm": "qemu"}, vm.stats)]
-    want += [point("kvm_vcpu", {**base, "vm": 'we b"x', "vm_uuid": "u-11", "vmm": "qemu", "vcpu": str(i)},
-                   vm.vcpus[i]) for i in (0, 1)]
+    want = client_lines(s, "hv 1", {"rack": "r=9"})
 
     def canon(text: str) -> tuple[str, frozenset[str], int]:
         head, fields, ts = re.split(r"(?<!\\) ", text)
