@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from kvmfleet.audit import engine
+from kvmfleet.audit import runner
 from kvmfleet.audit.client import InfluxQLClient, Series
 from kvmfleet.audit.engine import AuditOptions, AuditResult, run_audit
 from kvmfleet.audit.report import render, render_json
@@ -124,7 +124,7 @@ class _Client:
 def _run(client: _Client, config: str, monkeypatch: pytest.MonkeyPatch) -> AuditResult:
     kw, sets, per_query, _ = CONFIGS[config]
     if per_query is not None:
-        monkeypatch.setattr(engine, "HOSTS_PER_QUERY", per_query)
+        monkeypatch.setattr(runner, "HOSTS_PER_QUERY", per_query)
     options = AuditOptions(window="1h", rules=load_rules(sets=sets), **kw)
     result = run_audit(client, options, source="http://influxdb.golden:8086 database golden")  # type: ignore[arg-type]
     result.elapsed_s = 0.25  # what varies from run to run

@@ -19,13 +19,14 @@ from tests.audit.conftest import audit, write_fleet
 from tests.support import synthetic as sy
 from tests.support.servers import InfluxDB1
 
-from kvmfleet.audit import rules as R
 from kvmfleet.audit.engine import AuditResult
 from kvmfleet.audit.model import HostData, VMData
 from kvmfleet.audit.report import render, to_dict
+from kvmfleet.audit.rules import Units, wanted_rules
 from kvmfleet.querypack import load_rules
 
 RULES = load_rules()
+UNITS = Units.make(RULES, wanted_rules(None))
 COUNTERS = ("exits", "mmu_pte_write", "mmu_pte_updated", "mmu_flooded", "mmu_pde_zapped", "invlpg", "pf_guest",
             "nested_run", "pf_fixed", "mmu_shadow_zapped", "mmu_cache_miss", "io_exits", "mmio_exits",
             "irq_injections", "irq_exits", "irq_window_exits", "irq_window", "insn_emulation", "insn_emulation_fail",
@@ -85,18 +86,15 @@ def test_rules_never_crash_on_any_host_numbers(hosts: tuple[HostData, ...]) -> N
     fleet = {h.host: h for h in hosts}
     findings, skipped = [], []
     for h in hosts:
-        outs = [R.eval_shadow(h, RULES["shadow-paging"], RULES["nested-shadow"]),
-                R.eval_tdp(h, RULES["tdp-disabled"], RULES["tdp-unavailable"], RULES["shadow-paging"]),
-                R.eval_emulated_io(h, RULES["emulated-io"]), R.eval_irq(h, RULES["irq-injection"]),
-                R.eval_insn(h, RULES["insn-emulation"]), R.eval_halt(h, RULES["halt-polling"])]
-        for rid, screen in (("shadow-paging", R.screen_shadow), ("emulated-io", R.screen_emulated_io),
-                            ("irq-injection", R.screen_irq), ("insn-emulation", R.screen_insn),
-                            ("halt-polling", R.screen_halt)):
-            screen(h, RULES[rid])
-        for o in outs:
-            findings += o.findings
-            skipped += o.skipped
-    el = R.eval_exit_load(fleet, RULES["exit-load"])
+        for unit in UNITS.host:  # every rule on every host, picked by its screen or not
+            unit.screen(h)
+            for o in (unit.evaluate(h), unit.unpicked(h)):
+                if o is not None:
+                    findings += o.findings
+                    skipped += o.skipped
+    (exit_load,) = UNITS.fleet
+    exit_load.pick(fleet)
+    el = exit_load.evaluate_fleet(fleet)
     findings += el.findings
     for f in findings:
         assert f.severity in ("info", "warning", "critical") and f.host in fleet and f.summary

@@ -8,14 +8,17 @@ from typing import Any
 
 import pytest
 
-from kvmfleet.audit import rules as R
 from kvmfleet.audit.engine import AuditResult
-from kvmfleet.audit.model import Finding, HostData, VMData
+from kvmfleet.audit.model import Finding, HostData, Outcome, VMData
 from kvmfleet.audit.report import render
+from kvmfleet.audit.rules import EmulatedIO, ExitLoad, HaltPolling, InsnEmulation, IrqInjection, ShadowPaging, TDPFacts
 from kvmfleet.querypack import load_rules
 
 RULES = load_rules()
 SPAN = 3600.0
+SHADOW, TDP, IO, IRQ, INSN, HALT = (unit(RULES) for unit in (ShadowPaging, TDPFacts, EmulatedIO, IrqInjection,
+                                                             InsnEmulation, HaltPolling))
+EXIT_LOAD = ExitLoad(RULES)
 
 
 def hd(host: str = "h", vcpus: int | None = 4, tdp: str | None = "enabled", facts: dict[str, Any] | None = None,
@@ -35,11 +38,11 @@ def hd(host: str = "h", vcpus: int | None = 4, tdp: str | None = "enabled", fact
     return h
 
 
-def shadow(h: HostData) -> R.Outcome:
-    return R.eval_shadow(h, RULES["shadow-paging"], RULES["nested-shadow"])
+def shadow(h: HostData) -> Outcome:
+    return SHADOW.evaluate(h)
 
 
-def rules_sev(out: R.Outcome) -> list[tuple[str, str]]:
+def rules_sev(out: Outcome) -> list[tuple[str, str]]:
     return [(f.rule, f.severity) for f in out.findings]
 
 
@@ -131,80 +134,74 @@ def test_shadow_with_unknown_exits_and_vcpus_still_flags() -> None:
 
 # ---------------------------------------------------------------------------------------------- TDP facts
 def test_tdp_disabled_and_unavailable() -> None:
-    sp, dis, una = RULES["shadow-paging"], RULES["tdp-disabled"], RULES["tdp-unavailable"]
     h = hd(tdp="disabled", facts={"cpu_ept": True, "ept_param": False, "kvm_module": "kvm_intel"}, exits=20000,
            mmu_pte_write=3000, invlpg=1000)
-    out = R.eval_tdp(h, dis, una, sp)
+    out = TDP.evaluate(h)
     assert rules_sev(out) == [("tdp-disabled", "critical")]
     assert "kvm_intel.ept=N" in out.findings[0].summary and "agree" in out.findings[0].notes[0]
     idle = hd(tdp="unsupported", facts={"is_guest": True, "kvm_module": "kvm_pvm"}, exits=300, mmu_pte_write=0,
               invlpg=0)
-    out = R.eval_tdp(idle, dis, una, sp)
+    out = TDP.evaluate(idle)
     assert rules_sev(out) == [("tdp-unavailable", "warning")]
     assert "kvm_pvm" in out.findings[0].summary
     assert "no shadow MMU work" in out.findings[0].notes[0]  # facts and counters disagree: said
-    assert R.eval_tdp(hd(tdp="enabled", exits=100), dis, una, sp).findings == []
-    assert R.eval_tdp(hd(tdp=None, exits=100), dis, una, sp).skipped[0].reason == "no kvm_host facts in the window"
-    assert "unknown" in R.eval_tdp(hd(tdp="unknown", exits=100), dis, una, sp).skipped[0].reason
+    assert TDP.evaluate(hd(tdp="enabled", exits=100)).findings == []
+    assert TDP.evaluate(hd(tdp=None, exits=100)).skipped[0].reason == "no kvm_host facts in the window"
+    assert "unknown" in TDP.evaluate(hd(tdp="unknown", exits=100)).skipped[0].reason
 
 
 # ---------------------------------------------------------------------------------------------- other rules
 def test_emulated_io() -> None:
-    rule = RULES["emulated-io"]
-    assert rules_sev(R.eval_emulated_io(hd(exits=36000, io_exits=12000, mmio_exits=6400), rule)) == [
+    assert rules_sev(IO.evaluate(hd(exits=36000, io_exits=12000, mmio_exits=6400))) == [
         ("emulated-io", "critical")]
-    assert rules_sev(R.eval_emulated_io(hd(exits=36000, io_exits=2000, mmio_exits=400), rule)) == [
+    assert rules_sev(IO.evaluate(hd(exits=36000, io_exits=2000, mmio_exits=400))) == [
         ("emulated-io", "warning")]
-    assert R.eval_emulated_io(hd(exits=8000, io_exits=80, mmio_exits=40), rule).findings == []
-    assert R.eval_emulated_io(hd(exits=0, io_exits=0, mmio_exits=0), rule).findings == []
-    assert R.eval_emulated_io(hd(exits=8000), rule).skipped
+    assert IO.evaluate(hd(exits=8000, io_exits=80, mmio_exits=40)).findings == []
+    assert IO.evaluate(hd(exits=0, io_exits=0, mmio_exits=0)).findings == []
+    assert IO.evaluate(hd(exits=8000)).skipped
 
 
 def test_irq_injection_needs_io_exits_per_injection() -> None:
-    rule = RULES["irq-injection"]
     legacy = hd(exits=36000, irq_injections=8800, io_exits=9600, mmio_exits=40, irq_window_exits=2400)
-    out = R.eval_irq(legacy, rule)
+    out = IRQ.evaluate(legacy)
     assert rules_sev(out) == [("irq-injection", "critical")]
     assert out.findings[0].evidence["irq_window_exits_per_injection"] == pytest.approx(2400 / 8800, rel=1e-3)
     old = hd(exits=36000, irq_injections=8800, io_exits=9600, irq_window=2400)  # old name tolerated
-    assert R.eval_irq(old, rule).findings[0].evidence["irq_window_exits_per_injection"] > 0.2
+    assert IRQ.evaluate(old).findings[0].evidence["irq_window_exits_per_injection"] > 0.2
     msi = hd(exits=36000, irq_injections=8800, io_exits=200, mmio_exits=100)  # many interrupts, no ISR reads
-    assert R.eval_irq(msi, rule).findings == []
+    assert IRQ.evaluate(msi).findings == []
 
 
 def test_insn_emulation_and_causes() -> None:
-    rule = RULES["insn-emulation"]
-    out = R.eval_insn(hd(exits=28000, insn_emulation=20800, mmio_exits=2400, insn_emulation_fail=1), rule)
+    out = INSN.evaluate(hd(exits=28000, insn_emulation=20800, mmio_exits=2400, insn_emulation_fail=1))
     assert rules_sev(out) == [("insn-emulation", "critical")]
     assert any("insn_emulation_fail" in n for n in out.findings[0].notes)
-    assert R.eval_insn(hd(exits=8000, insn_emulation=60), rule).findings == []
+    assert INSN.evaluate(hd(exits=8000, insn_emulation=60)).findings == []
 
 
 def test_halt_polling() -> None:
-    rule = RULES["halt-polling"]
-    out = R.eval_halt(hd(halt_poll_fail_ns=1.8e9, halt_poll_success_ns=6e6, halt_attempted_poll=9600,
-                         halt_successful_poll=360), rule)
+    out = HALT.evaluate(hd(halt_poll_fail_ns=1.8e9, halt_poll_success_ns=6e6, halt_attempted_poll=9600,
+                           halt_successful_poll=360))
     assert rules_sev(out) == [("halt-polling", "critical")]
     assert out.findings[0].evidence["failed_poll_cpus"] == 1.8
     # lots of polling but mostly successful: not flagged
-    assert R.eval_halt(hd(halt_poll_fail_ns=0.4e9, halt_poll_success_ns=2e9), rule).findings == []
-    assert R.eval_halt(hd(), rule).skipped
+    assert HALT.evaluate(hd(halt_poll_fail_ns=0.4e9, halt_poll_success_ns=2e9)).findings == []
+    assert HALT.evaluate(hd()).skipped
 
 
 def test_exit_load_outliers_against_the_fleet() -> None:
-    rule = RULES["exit-load"]
     hosts = {f"h{i}": hd(f"h{i}", exits=8000 + 100 * i) for i in range(20)}
     hosts["hot"] = hd("hot", exits=200000, vms={"noisy": {"exits": 190000}})
     hosts["warm"] = hd("warm", exits=30000)
     hosts["novcpu"] = hd("novcpu", vcpus=None, tdp=None, exits=999999)  # judged with per-host peers only
-    res = R.eval_exit_load(hosts, rule)
+    res = EXIT_LOAD.evaluate_fleet(hosts)
     assert [(f.host, f.severity) for f in res.findings] == [("hot", "critical"), ("warm", "warning")]
     assert res.findings[0].vms[0]["vm"] == "noisy"
     assert [t["host"] for t in res.top] == ["novcpu", "hot", "warm", "h19", "h18"]
     # a fleet too small or all alike: no outliers, still a top list
-    assert R.eval_exit_load({"a": hd("a", exits=1), "b": hd("b", exits=100)}, rule).findings == []
+    assert EXIT_LOAD.evaluate_fleet({"a": hd("a", exits=1), "b": hd("b", exits=100)}).findings == []
     same = {f"s{i}": hd(f"s{i}", exits=5000) for i in range(10)}
-    assert R.eval_exit_load(same, rule).findings == []
+    assert EXIT_LOAD.evaluate_fleet(same).findings == []
 
 
 # ---------------------------------------------------------------------------------------------- outputs

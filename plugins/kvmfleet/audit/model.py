@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..querypack import load_counters
-from ..schema import OLD_NAMES
+from ..schema import M_VM, OLD_NAMES
 
 
 def finite(value: Any) -> float | None:
@@ -37,7 +37,7 @@ class VMData:
     increases: dict[str, float | None] = field(default_factory=dict)
     instant: dict[str, float | None] = field(default_factory=dict)
     reset: bool = False  # last < first: the VM restarted in the window, its increases are understated
-    source: str = "kvm_vm"
+    source: str = M_VM  # the measurement its numbers come from (kvm_vm, or kvm_vcpu added up)
 
     def rate(self, name: str, span_s: float | None) -> float | None:
         inc = self.increases.get(name)
@@ -132,6 +132,23 @@ class Skipped:
 
     def to_dict(self) -> dict[str, str]:
         return {"host": self.host, "rule": self.rule, "reason": self.reason}
+
+
+@dataclass
+class Outcome:
+    """What a rule says about one host: findings, or why it could not judge it (or neither)."""
+
+    findings: list[Finding] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+@dataclass
+class FleetOutcome:
+    """What a fleet-wide rule says: findings, a top list of hosts and numbers of the whole fleet."""
+
+    findings: list[Finding]
+    top: list[dict[str, Any]]
+    fleet: dict[str, Any]
 
 
 def rounded(value: Any, digits: int = 4) -> Any:

@@ -1,0 +1,160 @@
+"""The answers of the pack's queries turned into what the audit knows of each host (:class:`~.model.HostData`).
+
+Most queries answer with two statements, each series' first sample in the window and its last one: their
+difference is the counter's increase (:func:`merge_host_pairs` per host, :func:`merge_vm_pairs` per VM, the series
+of one VM added up). ``host_tdp`` and ``host_facts`` answer with the last row (:func:`merge_facts`),
+``exact_rates`` with one rate per counter (:func:`merge_exact_rates`), ``counter_rates`` with rates over time
+(:func:`chart_series`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..schema import T_HOST, T_VM
+from .client import Series
+from .model import INSTANT, HostData, VMData, finite
+
+TIME = "time"  # InfluxDB's time column
+Statements = Sequence[Sequence[Series]]
+SeriesKey = tuple[tuple[str, str], ...]
+
+
+def _row(series: Series) -> dict[str, Any] | None:
+    rows = series.rows()
+    return rows[0] if rows else None
+
+
+def first_last(statements: Statements) -> dict[SeriesKey, list[Any]]:
+    """Pair the rows of a two-statement query (first sample, last sample) by series tags."""
+    pairs: dict[SeriesKey, list[Any]] = {}
+    for idx, stmt in enumerate(statements[:2]):
+        for s in stmt:
+            key = tuple(sorted(s.tags.items()))
+            entry = pairs.setdefault(key, [None, None])
+            entry[idx] = _row(s)
+    return pairs
+
+
+def increases(first: dict[str, Any] | None, last: dict[str, Any] | None
+              ) -> tuple[dict[str, float | None], dict[str, float | None], bool]:
+    """(increases, instant values, reset?) of one first/last pair of rows."""
+    inc: dict[str, float | None] = {}
+    inst: dict[str, float | None] = {}
+    reset = False
+    cols = set(first or {}) | set(last or {})
+    cols.discard(TIME)
+    for col in cols:
+        lv = finite((last or {}).get(col))
+        if col in INSTANT:
+            inst[col] = lv
+            continue
+        fv = finite((first or {}).get(col))
+        if fv is None or lv is None:
+            inc[col] = None
+        elif lv < fv:
+            reset = True
+            inc[col] = None
+        else:
+            inc[col] = lv - fv
+    return inc, inst, reset
+
+
+def _host(hosts: dict[str, HostData], name: str) -> HostData:
+    h = hosts.get(name)
+    if h is None:
+        h = hosts[name] = HostData(name)
+    return h
+
+
+def merge_host_pairs(hosts: dict[str, HostData], statements: Statements) -> None:
+    for key, (first, last) in first_last(statements).items():
+        name = dict(key).get(T_HOST)
+        if not name:
+            continue
+        h = _host(hosts, name)
+        inc, inst, reset = increases(first, last)
+        for col, v in inc.items():
+            if v is not None or col not in h.increases:
+                h.increases[col] = v
+        h.instant.update(inst)
+        h.reset = h.reset or reset
+        t0 = finite((first or {}).get(TIME))
+        t1 = finite((last or {}).get(TIME))
+        if t0 is not None:
+            h.t_first = t0 if h.t_first is None else min(h.t_first, t0)
+        if t1 is not None:
+            h.t_last = t1 if h.t_last is None else max(h.t_last, t1)
+
+
+def merge_vm_pairs(hosts: dict[str, HostData], statements: Statements, source: str) -> None:
+    for key, (first, last) in first_last(statements).items():
+        tags = dict(key)
+        host = tags.get(T_HOST)
+        if not host or host not in hosts:
+            continue
+        name = tags.get(T_VM) or "(no vm tag)"
+        h = hosts[host]
+        vm = h.vms.get(name)
+        if vm is None:
+            vm = h.vms[name] = VMData(name, source=source)
+        inc, inst, reset = increases(first, last)
+        vm.reset = vm.reset or reset
+        for col, v in inc.items():  # series of one VM (vCPUs, a new vm_uuid) add up
+            if v is None:
+                vm.increases.setdefault(col, None)
+            else:
+                vm.increases[col] = (vm.increases.get(col) or 0.0) + v
+        for col, v in inst.items():
+            if v is not None:
+                vm.instant[col] = (vm.instant.get(col) or 0.0) + v
+            else:
+                vm.instant.setdefault(col, None)
+
+
+def _host_rows(statements: Statements) -> list[tuple[str, dict[str, Any]]]:
+    """(host, row) of every series with a host tag and a row."""
+    out = []
+    for stmt in statements:
+        for s in stmt:
+            host, row = s.tags.get(T_HOST), _row(s)
+            if host and row is not None:
+                out.append((host, row))
+    return out
+
+
+def merge_facts(hosts: dict[str, HostData], statements: Statements) -> None:
+    """The last ``kvm_host`` row of each host: its facts (a host with a row has facts, even empty ones)."""
+    for host, row in _host_rows(statements):
+        h = _host(hosts, host)
+        h.has_facts = True
+        for k, v in row.items():
+            if k != TIME and v is not None:
+                h.facts[k] = v
+
+
+def merge_exact_rates(hosts: dict[str, HostData], statements: Statements) -> None:
+    for host, row in _host_rows(statements):
+        if host in hosts:
+            for col, value in row.items():
+                if col != TIME:
+                    hosts[host].exact_rates[col] = finite(value)
+
+
+def chart_series(statements: Statements) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Per host and counter, the (time, rate) points of ``counter_rates``."""
+    charts: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for stmt in statements:
+        for s in stmt:
+            host = s.tags.get(T_HOST)
+            if not host:
+                continue
+            per = charts.setdefault(host, {})
+            for row in s.rows()[:-1]:  # the last bucket is still filling: its rate would dip
+                t = finite(row.get(TIME))
+                for col, value in row.items():
+                    v = finite(value)
+                    if t is not None and col != TIME and v is not None:
+                        per.setdefault(col, []).append((t, v))
+    return charts

@@ -1,0 +1,175 @@
+"""shadow-paging, and nested-shadow derived from it: do the guests run on shadow page tables?
+
+The shadow-only counters (mmu_pte_write, mmu_flooded, mmu_pde_zapped, invlpg) move only when KVM shadows guest
+page tables: a host without EPT/NPT, or nested (L2) guests. The evaluation decides which of the two the numbers
+and the facts point at (docs/queries.md walks through every case).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ...querypack import Rule
+from ..model import Finding, HostData, Outcome, VMData, ratio
+from .base import HostRule, fmt, ge, ge_or_unknown, known, level, total, vm_rows
+
+SHADOW_FIELDS = ("mmu_pte_write", "mmu_flooded", "mmu_pde_zapped", "invlpg")
+NO_TDP = ("disabled", "unsupported")
+
+
+def shadow_events_rate(h: HostData) -> float | None:
+    pte = h.rate("mmu_pte_write")
+    if pte is None:
+        pte = h.rate("mmu_pte_updated")
+    return total([pte, h.rate("mmu_flooded"), h.rate("mmu_pde_zapped"), h.rate("invlpg")])
+
+
+def _vm_shadow(vm: VMData, span: float | None) -> float | None:
+    return total([vm.rate(f, span) for f in SHADOW_FIELDS])
+
+
+@dataclass
+class _Seen:
+    """What the evaluation saw on a host with shadow work at a warning level or above."""
+
+    h: HostData
+    severity: str
+    numbers: str  # the events and their shares, for the summary
+    evidence: dict[str, Any]
+    vms: list[dict[str, Any]]
+    nested: float | None  # nested_run per second
+    nested_on: bool  # L2 guests run
+    tdp: Any  # tdp_state of the facts (None without facts)
+    l1_shadow: list[VMData]  # VMs with shadow work but no L2 entries of their own
+
+
+class ShadowPaging(HostRule):
+    id = "shadow-paging"
+    derived = ("nested-shadow",)
+    detail_query = "shadow_paging"
+    vm_columns = ("mmu_pte_write", "invlpg", "mmu_flooded", "mmu_pde_zapped", "pf_guest", "nested_run",
+                  "mmu_unsync", "exits")
+    needs_facts = True
+
+    def __init__(self, rules: Mapping[str, Rule]) -> None:
+        super().__init__(rules)
+        self.nested_rule = rules["nested-shadow"]
+
+    def screen(self, h: HostData) -> bool:
+        events = total([h.rate("mmu_pte_write"), h.rate("invlpg")])
+        return events is not None and events >= 0.25 * self.rule.thresholds["min_events_per_s"]
+
+    def unpicked(self, h: HostData) -> Outcome | None:
+        if h.span_s is not None and not h.has("mmu_pte_write") and not h.has("invlpg"):
+            return self.skip(h, "neither mmu_pte_write nor invlpg is reported")
+        return None
+
+    def evaluate(self, h: HostData) -> Outcome:
+        th = self.rule.thresholds
+        events = shadow_events_rate(h)
+        if events is None:
+            return self.skip(h, "none of mmu_pte_write, mmu_flooded, mmu_pde_zapped, invlpg is reported")
+        if events < th["min_events_per_s"]:
+            return Outcome()
+        per_exit = ratio(events, h.rate("exits"))
+        per_vcpu = h.per_vcpu(events)
+        warning = ge(per_exit, th["warning_per_exit"]) or ge(per_vcpu, th["warning_per_vcpu_s"]) or (
+            per_exit is None and per_vcpu is None)  # shadow events with neither exits nor vCPUs known: still shadow
+        critical = ge(per_exit, th["critical_per_exit"]) and ge_or_unknown(per_vcpu, th["critical_per_vcpu_s"])
+        severity = level(warning, critical)
+        if severity is None:
+            return Outcome()
+        return Outcome([self._verdict(self._seen(h, severity, events, per_exit, per_vcpu))])
+
+    def _seen(self, h: HostData, severity: str, events: float, per_exit: float | None, per_vcpu: float | None
+              ) -> _Seen:
+        th = self.rule.thresholds
+        nested = h.rate("nested_run")
+        tdp = h.fact("tdp_state") if h.has_facts else None
+        span = h.span_s
+        l1_shadow = [vm for vm in h.vms.values() if (_vm_shadow(vm, span) or 0) >= th["min_events_per_s"]
+                     and not ((vm.rate("nested_run", span) or 0) >= th["nested_run_min_per_s"])
+                     and vm.increases.get("nested_run") is not None]
+        numbers = (f"{fmt(events)} shadow MMU events/s ({fmt(per_exit)} per exit"
+                   + (f", {fmt(per_vcpu)} per vCPU-s" if per_vcpu is not None else "") + ")")
+        return _Seen(h, severity, numbers, self._evidence(h, events, per_exit, per_vcpu, tdp),
+                     vm_rows(h, lambda vm: _vm_shadow(vm, span), self.vm_columns), nested,
+                     nested is not None and nested >= th["nested_run_min_per_s"], tdp, l1_shadow)
+
+    @staticmethod
+    def _evidence(h: HostData, events: float, per_exit: float | None, per_vcpu: float | None, tdp: Any
+                  ) -> dict[str, Any]:
+        exits = h.rate("exits")
+        return known({
+            "shadow_events_per_s": events,
+            "shadow_events_per_exit": per_exit,
+            "shadow_events_per_vcpu_s": per_vcpu,
+            "mmu_pte_write_per_s": h.rate("mmu_pte_write") if h.has("mmu_pte_write") else h.rate("mmu_pte_updated"),
+            "invlpg_per_s": h.rate("invlpg"),
+            "mmu_flooded_per_s": h.rate("mmu_flooded"),
+            "mmu_pde_zapped_per_s": h.rate("mmu_pde_zapped"),
+            "mmu_unsync": h.instant.get("mmu_unsync"),
+            "pf_guest_per_s": h.rate("pf_guest"),
+            "pf_guest_per_exit": ratio(h.rate("pf_guest"), exits),
+            "exits_per_s": exits,
+            "nested_run_per_s": h.rate("nested_run"),
+            "pf_fixed_per_s": h.rate("pf_fixed"),
+            "mmu_shadow_zapped_per_s": h.rate("mmu_shadow_zapped"),
+            "mmu_cache_miss_per_s": h.rate("mmu_cache_miss"),
+            "vcpus": h.vcpus,
+            "tdp_state": tdp,
+        })
+
+    def _verdict(self, s: _Seen) -> Finding:
+        if s.tdp in NO_TDP:
+            return self._no_tdp(s)
+        nested_explains = s.nested_on or (s.nested is None and s.tdp == "enabled" and s.h.fact("nested") is True)
+        if nested_explains and not (s.tdp != "enabled" and s.l1_shadow):
+            return self._nested(s)
+        return self._shadow(s)
+
+    def _no_tdp(self, s: _Seen) -> Finding:
+        """The facts say no guest has EPT/NPT: shadow paging, whatever nested_run says."""
+        notes = []
+        if s.nested_on:
+            notes.append(f"nested_run moves ({fmt(s.nested)}/s): part of the shadow work may belong to L2 guests, "
+                         "but the host has no EPT/NPT for any guest")
+        return self.finding(s.h.host, s.severity, f"{s.numbers}; kvm_host says tdp_state={s.tdp}: counters and "
+                            "facts agree", s.evidence, s.vms, notes)
+
+    def _nested(self, s: _Seen) -> Finding:
+        """L2 guests explain the shadow work: nested-shadow (info)."""
+        why = (f"nested_run {fmt(s.nested)}/s" if s.nested_on else "nested_run is not reported but kvm_host says "
+               "nested=true")
+        notes = []
+        if s.tdp == "enabled":
+            notes.append("kvm_host says EPT/NPT is enabled: the shadow work is the L2 guests' (expected)")
+            if s.l1_shadow:
+                notes.append("counters and facts disagree for VMs without L2 entries that still do shadow work: "
+                             + ", ".join(vm.vm for vm in s.l1_shadow[:5]))
+        elif s.tdp is None or s.tdp == "unknown":
+            notes.append("no EPT/NPT facts for this host: if its L1 guests ran on shadow paging too, the per-VM "
+                         "detail (kvm_vm) would show VMs with shadow work and no nested_run")
+        return self.finding(s.h.host, "info", f"{s.numbers} with {why}: L2 guests' page tables are shadowed",
+                            s.evidence, s.vms, notes, rule=self.nested_rule)
+
+    def _shadow(self, s: _Seen) -> Finding:
+        """Shadow paging from the counters, with what the facts say about it."""
+        notes = []
+        if s.tdp == "enabled":
+            notes.append("counters and facts disagree: kvm_host says tdp_state=enabled, yet shadow-only counters "
+                         "move " + ("and no VM runs L2 guests" if s.nested is not None else
+                                    "(nested_run is not reported)")
+                         + "; the facts may be stale (module reloaded since) or L2 guests are not counted")
+        elif s.tdp is None:
+            notes.append("no kvm_host facts: judged from the counters alone")
+        elif s.tdp == "unknown":
+            notes.append("kvm_host tdp_state=unknown: judged from the counters alone")
+        vms = s.vms
+        if s.l1_shadow and s.nested_on:
+            names = {vm.vm for vm in s.l1_shadow}
+            notes.append("VMs doing shadow work without L2 entries: " + ", ".join(vm.vm for vm in s.l1_shadow[:5]))
+            vms = [r for r in vms if r["vm"] in names] or vms
+        return self.finding(s.h.host, s.severity, s.numbers, s.evidence, vms, notes)
