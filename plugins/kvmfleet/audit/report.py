@@ -231,19 +231,25 @@ def _sev(s: str) -> str:
     return f'<span class="sev {html.escape(s)}">{html.escape(s)}</span>'
 
 
-def render_html(result: AuditResult, fail_on: str | None = None) -> str:
+def _html_head(result: AuditResult, fail_on: str | None) -> list[str]:
     esc = html.escape
     c = Counter(f.severity for f in result.findings)
-    parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-             '<meta name="viewport" content="width=device-width, initial-scale=1">',
-             f"<title>kvmfleet audit: {esc(_summary_line(result))}</title>", f"<style>{_CSS}</style></head><body>",
-             f"<header><h1>kvmfleet audit</h1><p>{esc(_header(result))}; generated {_iso(result.started_at)}"
-             + (f"; fails on {esc(fail_on)}" if fail_on else "") + "</p></header><main>"]
-    parts.append('<div class="cards">' + "".join(
-        f'<div class="card"><b>{n}</b>{label}</div>' for n, label in (
-            (len(result.hosts), "hosts"), (c.get("critical", 0), _sev("critical")),
-            (c.get("warning", 0), _sev("warning")), (c.get("info", 0), _sev("info")),
-            (len({f.host for f in result.findings}), "hosts with findings"))) + "</div>")
+    return ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+            '<meta name="viewport" content="width=device-width, initial-scale=1">',
+            f"<title>kvmfleet audit: {esc(_summary_line(result))}</title>", f"<style>{_CSS}</style></head><body>",
+            f"<header><h1>kvmfleet audit</h1><p>{esc(_header(result))}; generated {_iso(result.started_at)}"
+            + (f"; fails on {esc(fail_on)}" if fail_on else "") + "</p></header><main>",
+            '<div class="cards">' + "".join(
+                f'<div class="card"><b>{n}</b>{label}</div>' for n, label in (
+                    (len(result.hosts), "hosts"), (c.get("critical", 0), _sev("critical")),
+                    (c.get("warning", 0), _sev("warning")), (c.get("info", 0), _sev("info")),
+                    (len({f.host for f in result.findings}), "hosts with findings"))) + "</div>"]
+
+
+def _html_tables(result: AuditResult) -> list[str]:
+    """The summary of the findings and the top hosts by exit rate."""
+    esc = html.escape
+    parts = []
     if result.findings:
         parts.append("<h2>Summary</h2><table><tr><th>severity</th><th>host</th><th>rule</th><th>summary</th></tr>")
         for f in result.findings:
@@ -260,42 +266,54 @@ def render_html(result: AuditResult, fail_on: str | None = None) -> str:
                          f"<td class=num>{esc(_num(t.get('exits_per_vcpu_s')))}</td>"
                          f"<td class=num>{esc(_num(t.get('vcpus')))}</td></tr>")
         parts.append("</table>")
+    return parts
+
+
+def _html_finding(result: AuditResult, f: Finding, charts: dict[str, list[tuple[float, float]]]) -> list[str]:
+    esc = html.escape
+    parts = [f'<div class="finding"><h3>{_sev(f.severity)} {esc(f.rule)}: {esc(f.title)}</h3><p>{esc(f.summary)}</p>']
+    drawn = [name for name in f.counters if name in charts]
+    if drawn:
+        parts.append('<div class="charts">' + "".join(
+            f'<div class="chart">{_svg_chart(name + " /s", charts[name])}</div>' for name in drawn) + "</div>")
+    elif result.charts is not None and f.counters and charts == {}:
+        parts.append("<p><small>(no per-sample series for charts)</small></p>")
+    parts.append('<table class="narrow"><tr><th>evidence</th><th>value</th></tr>' + "".join(
+        f"<tr><td>{esc(k)}</td><td class=num>{esc(_num(v))}</td></tr>" for k, v in f.evidence.items()) + "</table>")
+    if f.vms:
+        cols = sorted({k for v in f.vms for k in v if k != "vm"})
+        parts.append('<div class="wide"><table><tr><th>VM</th>' + "".join(f"<th>{esc(k)}</th>" for k in cols)
+                     + "</tr>")
+        for v in f.vms:
+            parts.append(f"<tr><td>{esc(str(v['vm']))}</td>" + "".join(
+                f"<td class=num>{esc(_num(v.get(k)) if k in v else '')}</td>" for k in cols) + "</tr>")
+        parts.append("</table></div>")
+    parts += [f'<div class="note">{esc(note)}</div>' for note in f.notes]
+    rule = result.rules.get(f.rule)
+    if rule:
+        parts.append(f"<details><summary>Why, and what to do</summary><p>{esc(rule.explanation.strip())}</p>"
+                     f"<p><b>What to do:</b> {esc(rule.remedy.strip())}</p></details>")
+    parts.append("</div>")
+    return parts
+
+
+def _html_hosts(result: AuditResult) -> list[str]:
+    """A section per host with findings, the most severe first."""
     by_host: dict[str, list[Finding]] = {}
     for f in result.findings:
         by_host.setdefault(f.host, []).append(f)
-    if by_host:
-        parts.append("<h2>Hosts with findings</h2>")
+    parts = ["<h2>Hosts with findings</h2>"] if by_host else []
     for host in sorted(by_host, key=lambda h: (-max(severity_rank(f.severity) for f in by_host[h]), h)):
-        parts.append(f'<section class="host" id="host-{esc(_anchor(host))}"><h2>{esc(host)}</h2>')
-        charts = result.charts.get(host, {})
+        parts.append(f'<section class="host" id="host-{html.escape(_anchor(host))}"><h2>{html.escape(host)}</h2>')
         for f in by_host[host]:
-            parts.append(f'<div class="finding"><h3>{_sev(f.severity)} {esc(f.rule)}: {esc(f.title)}</h3>'
-                         f"<p>{esc(f.summary)}</p>")
-            drawn = [name for name in f.counters if name in charts]
-            if drawn:
-                parts.append('<div class="charts">' + "".join(
-                    f'<div class="chart">{_svg_chart(name + " /s", charts[name])}</div>' for name in drawn) + "</div>")
-            elif result.charts is not None and f.counters and charts == {}:
-                parts.append("<p><small>(no per-sample series for charts)</small></p>")
-            parts.append('<table class="narrow"><tr><th>evidence</th><th>value</th></tr>' + "".join(
-                f"<tr><td>{esc(k)}</td><td class=num>{esc(_num(v))}</td></tr>" for k, v in f.evidence.items())
-                + "</table>")
-            if f.vms:
-                cols = sorted({k for v in f.vms for k in v if k != "vm"})
-                parts.append('<div class="wide"><table><tr><th>VM</th>' + "".join(f"<th>{esc(k)}</th>" for k in cols)
-                             + "</tr>")
-                for v in f.vms:
-                    parts.append(f"<tr><td>{esc(str(v['vm']))}</td>" + "".join(
-                        f"<td class=num>{esc(_num(v.get(k)) if k in v else '')}</td>" for k in cols) + "</tr>")
-                parts.append("</table></div>")
-            for note in f.notes:
-                parts.append(f'<div class="note">{esc(note)}</div>')
-            rule = result.rules.get(f.rule)
-            if rule:
-                parts.append(f"<details><summary>Why, and what to do</summary><p>{esc(rule.explanation.strip())}</p>"
-                             f"<p><b>What to do:</b> {esc(rule.remedy.strip())}</p></details>")
-            parts.append("</div>")
+            parts += _html_finding(result, f, result.charts.get(host, {}))
         parts.append("</section>")
+    return parts
+
+
+def render_html(result: AuditResult, fail_on: str | None = None) -> str:
+    esc = html.escape
+    parts = [*_html_head(result, fail_on), *_html_tables(result), *_html_hosts(result)]
     skipped = _skipped_summary(result)
     if skipped:
         parts.append("<h2>Not judged</h2><ul>" + "".join(f"<li>{esc(s)}</li>" for s in skipped) + "</ul>")
