@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...querypack import Rule
+from ...tdp import TDP_DISABLED, TDP_ENABLED, TDP_UNKNOWN, TDP_UNSUPPORTED
 from ..model import Finding, HostData, Outcome, VMData, ratio
 from .base import HostRule, fmt, ge, ge_or_unknown, known, level, total, vm_rows
 
 SHADOW_FIELDS = ("mmu_pte_write", "mmu_flooded", "mmu_pde_zapped", "invlpg")
-NO_TDP = ("disabled", "unsupported")
+NO_TDP = (TDP_DISABLED, TDP_UNSUPPORTED)  # the tdp_state of hosts where no guest has EPT/NPT
 
 
 def shadow_events_rate(h: HostData) -> float | None:
@@ -125,8 +126,8 @@ class ShadowPaging(HostRule):
     def _verdict(self, s: _Seen) -> Finding:
         if s.tdp in NO_TDP:
             return self._no_tdp(s)
-        nested_explains = s.nested_on or (s.nested is None and s.tdp == "enabled" and s.h.fact("nested") is True)
-        if nested_explains and not (s.tdp != "enabled" and s.l1_shadow):
+        nested_explains = s.nested_on or (s.nested is None and s.tdp == TDP_ENABLED and s.h.fact("nested") is True)
+        if nested_explains and not (s.tdp != TDP_ENABLED and s.l1_shadow):
             return self._nested(s)
         return self._shadow(s)
 
@@ -144,12 +145,12 @@ class ShadowPaging(HostRule):
         why = (f"nested_run {fmt(s.nested)}/s" if s.nested_on else "nested_run is not reported but kvm_host says "
                "nested=true")
         notes = []
-        if s.tdp == "enabled":
+        if s.tdp == TDP_ENABLED:
             notes.append("kvm_host says EPT/NPT is enabled: the shadow work is the L2 guests' (expected)")
             if s.l1_shadow:
                 notes.append("counters and facts disagree for VMs without L2 entries that still do shadow work: "
                              + ", ".join(vm.vm for vm in s.l1_shadow[:5]))
-        elif s.tdp is None or s.tdp == "unknown":
+        elif s.tdp is None or s.tdp == TDP_UNKNOWN:
             notes.append("no EPT/NPT facts for this host: if its L1 guests ran on shadow paging too, the per-VM "
                          "detail (kvm_vm) would show VMs with shadow work and no nested_run")
         return self.finding(s.h.host, "info", f"{s.numbers} with {why}: L2 guests' page tables are shadowed",
@@ -158,14 +159,14 @@ class ShadowPaging(HostRule):
     def _shadow(self, s: _Seen) -> Finding:
         """Shadow paging from the counters, with what the facts say about it."""
         notes = []
-        if s.tdp == "enabled":
+        if s.tdp == TDP_ENABLED:
             notes.append("counters and facts disagree: kvm_host says tdp_state=enabled, yet shadow-only counters "
                          "move " + ("and no VM runs L2 guests" if s.nested is not None else
                                     "(nested_run is not reported)")
                          + "; the facts may be stale (module reloaded since) or L2 guests are not counted")
         elif s.tdp is None:
             notes.append("no kvm_host facts: judged from the counters alone")
-        elif s.tdp == "unknown":
+        elif s.tdp == TDP_UNKNOWN:
             notes.append("kvm_host tdp_state=unknown: judged from the counters alone")
         vms = s.vms
         if s.l1_shadow and s.nested_on:

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ...querypack import Rule
+from ...tdp import TDP_DISABLED, TDP_ENABLED
 from ..model import HostData, Outcome, ratio, rounded
 from .base import HostRule, fmt
 from .shadow import NO_TDP, shadow_events_rate
@@ -36,7 +37,7 @@ class TDPFacts(HostRule):
         if not h.has_facts:
             return self.skip(h, "no kvm_host facts in the window", ANY_TDP)
         state = h.fact("tdp_state")
-        if state == "enabled":
+        if state == TDP_ENABLED:
             return Outcome()
         if state not in NO_TDP:
             return self.skip(h, f"kvm_host tdp_state={state or 'absent'}", ANY_TDP)
@@ -46,7 +47,7 @@ class TDPFacts(HostRule):
             evidence["shadow_events_per_s"] = rounded(events)
         if h.rate("exits") is not None:
             evidence["exits_per_s"] = rounded(h.rate("exits"))
-        return self._disabled(h, evidence) if state == "disabled" else self._unavailable(h, evidence)
+        return self._disabled(h, evidence) if state == TDP_DISABLED else self._unavailable(h, evidence)
 
     def _disabled(self, h: HostData, evidence: dict[str, Any]) -> Outcome:
         cpu = "EPT" if h.fact("cpu_ept") else "NPT" if h.fact("cpu_npt") else "EPT/NPT"
