@@ -12,9 +12,7 @@ whose message names the Debian package to install: tests turn it into a failure,
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import http.client
 import json
 import os
 import shutil
@@ -33,6 +31,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+
+from kvmfleet import influxhttp
 
 LOCALHOST = "127.0.0.1"
 
@@ -72,14 +72,9 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
-def _http(
-    method: str,
-    url: str,
-    body: bytes | None = None,
-    headers: dict[str, str] | None = None,
-    timeout: float = 10.0,
-) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+def _get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """A GET for readiness probes and admin endpoints (what is written or queried goes through :func:`raw_post`)."""
+    req = urllib.request.Request(url, method="GET")
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             return int(resp.status), resp.read()
@@ -257,34 +252,26 @@ bind-address = "{LOCALHOST}:{self.rpc_port}"
         return [self.exe, "-config", str(self.config_path)]
 
     def _ready(self) -> bool:
-        status, _ = _http("GET", self.url + "/ping", timeout=1)
+        status, _ = _get(self.url + "/ping", timeout=1)
         return status == 204
 
     def _after_start(self) -> None:
         if self.auth:
             # Allowed without credentials while no user exists; an error once it does (restart): ignored.
             q = f"CREATE USER {self.admin_user} WITH PASSWORD '{self.admin_password}' WITH ALL PRIVILEGES"
-            _http("POST", self.url + "/query?" + urllib.parse.urlencode({"q": q}))
+            post_form(self.url + "/query", {"q": q})
 
     def _auth_headers(self) -> dict[str, str]:
-        if not self.auth:
-            return {}
-        token = base64.b64encode(f"{self.admin_user}:{self.admin_password}".encode()).decode()
-        return {"Authorization": f"Basic {token}"}
+        return influxhttp.auth_headers(username=self.admin_user, password=self.admin_password) if self.auth else {}
 
     def query(self, influxql: str, db: str | None = None, epoch: str = "ns") -> list[dict[str, Any]]:
         """Run InfluxQL; returns the ``results`` list; raises :class:`ServerError` on an HTTP or query error."""
         params = {"q": influxql, "epoch": epoch}
         if db:
             params["db"] = db
-        status, body = _http(
-            "POST",
-            self.url + "/query",
-            body=urllib.parse.urlencode(params).encode(),
-            headers={"Content-Type": "application/x-www-form-urlencoded", **self._auth_headers()},
-        )
+        status, body = post_form(self.url + "/query", params, self._auth_headers())
         if status != 200:
-            raise ServerError(f"query {influxql!r}: HTTP {status}: {body[:500]!r}")
+            raise ServerError(f"query {influxql!r}: HTTP {status}: {influxhttp.server_message(body)}")
         results: list[dict[str, Any]] = json.loads(body)["results"]
         for r in results:
             if "error" in r:
@@ -325,11 +312,11 @@ class VictoriaMetrics(_ProcessServer):
         ]
 
     def _ready(self) -> bool:
-        status, _ = _http("GET", self.url + "/health", timeout=1)
+        status, _ = _get(self.url + "/health", timeout=1)
         return status == 200
 
     def force_flush(self) -> None:
-        status, body = _http("GET", self.url + "/internal/force_flush")
+        status, body = _get(self.url + "/internal/force_flush")
         if status != 200:
             raise ServerError(f"force_flush: HTTP {status}: {body[:300]!r}")
 
@@ -344,9 +331,7 @@ class VictoriaMetrics(_ProcessServer):
         deadline = time.monotonic() + timeout
         while True:
             self.force_flush()
-            params = urllib.parse.urlencode({"match[]": match, "start": "0"})
-            status, body = _http("POST", self.url + "/api/v1/export", body=params.encode(),
-                                 headers={"Content-Type": "application/x-www-form-urlencoded"})
+            status, body = post_form(self.url + "/api/v1/export", {"match[]": match, "start": "0"})
             if status != 200:
                 raise ServerError(f"export {match!r}: HTTP {status}: {body[:300]!r}")
             series = [json.loads(line) for line in body.splitlines() if line.strip()]
@@ -535,13 +520,18 @@ def running(server: Any) -> Iterator[Any]:
         server.close()
 
 
-def raw_post(url: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
-    """One HTTP POST without keep-alive (for probing servers in tests)."""
+def raw_post(url: str, body: bytes, headers: dict[str, str] | None = None, timeout: float = 10.0
+             ) -> tuple[int, bytes]:
+    """One HTTP POST on a connection of its own (``url`` may carry a query string), through kvmfleet's own HTTP
+    layer; the whole answer (up to 256 MiB)."""
     u = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(u.hostname or LOCALHOST, u.port, timeout=10)
-    try:
-        conn.request("POST", u.path + ("?" + u.query if u.query else ""), body=body, headers=headers or {})
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
+    path = (u.path or "/") + ("?" + u.query if u.query else "")
+    with influxhttp.KeepAliveConnection(f"{u.scheme}://{u.netloc}", timeout=timeout, max_body=256 << 20) as conn:
+        resp = conn.post(path, body, headers or {})
+    return resp.status, resp.body
+
+
+def post_form(url: str, params: dict[str, str], headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+    """:func:`raw_post` of an HTML form (InfluxQL ``/query``, VictoriaMetrics' export)."""
+    return raw_post(url, urllib.parse.urlencode(params).encode(),
+                    {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})})

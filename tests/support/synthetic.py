@@ -15,16 +15,13 @@ ranges), ``resets`` (the counters restart from zero at these times, as after a c
 
 from __future__ import annotations
 
-import base64
-import http.client
 import random
-import urllib.parse
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmfleet import schema
+from kvmfleet import influxhttp, schema
 from kvmfleet.ship.lineproto import encode_fields, series_prefix
 
 # Cumulative counters (per vCPU-second rates in profiles) and instant ones (per-vCPU levels).
@@ -267,36 +264,30 @@ def mixed_fleet(n_hosts: int, n_vms: int = 2, vcpus: int = 2, seed: int = 1, per
 
 
 class LineWriter:
-    """POSTs line protocol to InfluxDB 1.x ``/write`` over one keep-alive connection."""
+    """POSTs ready line protocol to InfluxDB 1.x ``/write`` over one keep-alive connection (plain text, no gzip:
+    test data and benchmarks)."""
 
     def __init__(self, url: str, database: str, rp: str | None = None, precision: str = "s",
                  username: str | None = None, password: str | None = None, timeout: float = 120.0) -> None:
-        u = urllib.parse.urlsplit(url)
-        self._conn = (http.client.HTTPSConnection if u.scheme == "https" else http.client.HTTPConnection)(
-            u.hostname or "127.0.0.1", u.port, timeout=timeout)
         params = {"db": database, "precision": precision}
         if rp:
             params["rp"] = rp
-        self._path = (u.path.rstrip("/") or "") + "/write?" + urllib.parse.urlencode(params)
-        self._headers = {"Content-Type": "text/plain; charset=utf-8"}
-        if username is not None:
-            token = base64.b64encode(f"{username}:{password or ''}".encode()).decode()
-            self._headers["Authorization"] = f"Basic {token}"
+        self._path = influxhttp.endpoint(url, "/write", params)
+        self._http = influxhttp.KeepAliveConnection(url, timeout=timeout)
+        self._headers = {"Content-Type": "text/plain; charset=utf-8",
+                         **influxhttp.auth_headers(username=username, password=password)}
         self.points = 0
 
     def post(self, lines: Sequence[str]) -> None:
         if not lines:
             return
-        body = ("\n".join(lines) + "\n").encode()
-        self._conn.request("POST", self._path, body=body, headers=self._headers)
-        resp = self._conn.getresponse()
-        data = resp.read()
+        resp = self._http.post(self._path, ("\n".join(lines) + "\n").encode(), self._headers)
         if resp.status != 204:
-            raise RuntimeError(f"write: HTTP {resp.status}: {data[:300]!r}")
+            raise RuntimeError(f"write: HTTP {resp.status}: {influxhttp.server_message(resp.body)}")
         self.points += len(lines)
 
     def close(self) -> None:
-        self._conn.close()
+        self._http.close()
 
 
 def post_lines(url: str, database: str, lines: Iterable[str], batch: int = 10000, **kw: Any) -> int:

@@ -8,7 +8,6 @@ the audit can run several statements at once.
 
 from __future__ import annotations
 
-import base64
 import http.client
 import json
 import socket
@@ -19,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .. import secretfile
+from .. import influxhttp, secretfile
 
 USER_AGENT = "kvmfleet-audit/0.1"
 MAX_BODY = 256 << 20
@@ -61,15 +60,7 @@ class Connection:
         where = f"database {self.database}" if self.database else f"bucket {self.bucket} (org {self.org})"
         if self.retention_policy:
             where += f", retention policy {self.retention_policy}"
-        return f"{redact(self.url)} {where}"
-
-
-def redact(url: str) -> str:
-    u = urllib.parse.urlsplit(url)
-    netloc = u.hostname or ""
-    if u.port:
-        netloc += f":{u.port}"
-    return urllib.parse.urlunsplit((u.scheme, netloc, u.path, "", ""))
+        return f"{influxhttp.redact_url(self.url)} {where}"
 
 
 @dataclass
@@ -85,76 +76,51 @@ class Series:
 
 class InfluxQLClient:
     def __init__(self, conn: Connection) -> None:
-        u = urllib.parse.urlsplit(conn.url)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise AuditError(f"--url {conn.url!r}: expected http(s)://host[:port][/path]")
-        if u.username or u.password:
-            raise AuditError("--url must not carry credentials: use --token-file or --username/--password-file")
-        if u.query or u.fragment:
-            raise AuditError("--url must not carry a query string or fragment")
+        https = _checked_url(conn.url).scheme == "https"
         if not conn.db:
             raise AuditError("a database (--database) or a bucket (--bucket) is needed")
         self.conn = conn
-        self._scheme = u.scheme
-        self._host = u.hostname
-        self._port = u.port
-        self._base = u.path.rstrip("/")
-        self._local = threading.local()
-        self._ssl: ssl.SSLContext | None = None
-        if self._scheme == "https":
-            ctx = ssl.create_default_context(cafile=conn.ca_file) if conn.ca_file else ssl.create_default_context()
-            if not conn.verify_tls:
-                ctx.check_hostname = False
-                ctx.verify_mode = ssl.CERT_NONE
-            self._ssl = ctx
+        self._where = influxhttp.redact_url(conn.url)
+        self._path = influxhttp.endpoint(conn.url, "/query")
+        self._tls: ssl.SSLContext | None = None
+        if https:
+            try:
+                self._tls = influxhttp.tls_context(conn.verify_tls, conn.ca_file, who=self._where,
+                                                   off_by="--no-verify-tls")
+            except influxhttp.CAFileError as err:
+                raise AuditError(f"--ca-file {err}") from None
         self._headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json",
-                         "User-Agent": USER_AGENT}
-        if conn.token:
-            self._headers["Authorization"] = f"Token {conn.token}"
-        elif conn.username:
-            basic = base64.b64encode(f"{conn.username}:{conn.password or ''}".encode()).decode()
-            self._headers["Authorization"] = f"Basic {basic}"
+                         "User-Agent": USER_AGENT,
+                         **influxhttp.auth_headers(token=conn.token, username=conn.username, password=conn.password)}
+        self._scrub = influxhttp.Scrubber(conn.token, conn.password, username=conn.username)
         self.requests = 0
         self._lock = threading.Lock()
-        self._all: list[http.client.HTTPConnection] = []
+        self._local = threading.local()
+        self._all: list[influxhttp.KeepAliveConnection] = []
 
-    def _connection(self) -> http.client.HTTPConnection:
-        c = getattr(self._local, "conn", None)
+    def _connection(self) -> influxhttp.KeepAliveConnection:
+        """This thread's own kept-alive connection: the audit runs several statements at once."""
+        c: influxhttp.KeepAliveConnection | None = getattr(self._local, "conn", None)
         if c is None:
-            if self._ssl is not None:
-                c = http.client.HTTPSConnection(self._host, self._port, timeout=self.conn.timeout, context=self._ssl)
-            else:
-                c = http.client.HTTPConnection(self._host, self._port, timeout=self.conn.timeout)
+            c = influxhttp.KeepAliveConnection(self.conn.url, self._tls, self.conn.timeout, max_body=MAX_BODY)
             self._local.conn = c
             with self._lock:
                 self._all.append(c)
         return c
 
-    def _drop_connection(self) -> None:
-        c = getattr(self._local, "conn", None)
-        if c is not None:
-            c.close()
-        self._local.conn = None
-
-    def _post(self, body: bytes) -> tuple[int, bytes]:
-        path = self._base + "/query"
-        for attempt in (1, 2):
-            c = self._connection()
-            try:
-                c.request("POST", path, body=body, headers=self._headers)
-                resp = c.getresponse()
-                data = resp.read(MAX_BODY)
-                if resp.getheader("Connection", "").lower() == "close":
-                    self._drop_connection()
-                return resp.status, data
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                self._drop_connection()  # a keep-alive connection the server closed: once more on a new one
-                if attempt == 2:
-                    raise
-            except BaseException:
-                self._drop_connection()
-                raise
-        raise AssertionError("unreachable")
+    def _post(self, body: bytes, what: str) -> influxhttp.Response:
+        """The answer to one request; :class:`AuditError` worded for the command line on a transport error."""
+        where = self._where
+        try:
+            return self._connection().post(self._path, body, self._headers)
+        except ssl.SSLError as e:
+            raise AuditError(f"{where}: TLS failed ({e.reason or e}); --ca-file names a CA bundle") from None
+        except (socket.timeout, TimeoutError):
+            raise AuditError(f"{where}: no answer to {what} within {self.conn.timeout:g}s") from None
+        except OSError as e:
+            raise AuditError(f"cannot reach InfluxDB at {where}: {e.strerror or e}") from None
+        except http.client.HTTPException as e:
+            raise AuditError(f"{where}: broken HTTP answer to {what}: {type(e).__name__}") from None
 
     def query(self, statements: Sequence[str] | str, what: str = "query") -> list[list[Series]]:
         """Run one or more statements in one request; one list of series per statement, in order.
@@ -166,21 +132,11 @@ class InfluxQLClient:
         params = {"q": ";\n".join(stmts), "db": self.conn.db, "epoch": "s"}
         if self.conn.retention_policy:
             params["rp"] = self.conn.retention_policy
-        body = urllib.parse.urlencode(params).encode()
-        where = redact(self.conn.url)
-        try:
-            status, data = self._post(body)
-        except ssl.SSLError as e:
-            raise AuditError(f"{where}: TLS failed ({e.reason or e}); --ca-file names a CA bundle") from None
-        except (socket.timeout, TimeoutError):
-            raise AuditError(f"{where}: no answer to {what} within {self.conn.timeout:g}s") from None
-        except OSError as e:
-            raise AuditError(f"cannot reach InfluxDB at {where}: {e.strerror or e}") from None
-        except http.client.HTTPException as e:
-            raise AuditError(f"{where}: broken HTTP answer to {what}: {type(e).__name__}") from None
+        resp = self._post(urllib.parse.urlencode(params).encode(), what)
         with self._lock:
             self.requests += 1
-        message = _error_text(data)
+        where, status, data = self._where, resp.status, resp.body
+        message = self._scrub(influxhttp.server_message(data)) if status != 200 else ""
         if status in (401, 403):
             raise AuditError(f"{where}: HTTP {status}: {message or 'unauthorized'} (check --token-file or "
                              "--username/--password-file)")
@@ -221,13 +177,13 @@ class InfluxQLClient:
             c.close()
 
 
-def _error_text(data: bytes) -> str:
-    text = data[:2000].decode("utf-8", "replace").strip()
+def _checked_url(url: str) -> urllib.parse.SplitResult:
     try:
-        obj = json.loads(text)
-        if isinstance(obj, dict):
-            text = str(obj.get("error") or obj.get("message") or text)
-    except ValueError:
-        pass
-    text = " ".join(text.split())
-    return text[:400]
+        return influxhttp.check_url(url)
+    except influxhttp.URLProblem as problem:
+        if problem.kind == influxhttp.URL_CREDENTIALS:
+            raise AuditError("--url must not carry credentials: use --token-file or --username/--password-file"
+                             ) from None
+        if problem.kind == influxhttp.URL_QUERY:
+            raise AuditError("--url must not carry a query string or fragment") from None
+        raise AuditError(f"--url {problem.shown!r}: expected http(s)://host[:port][/path]") from None

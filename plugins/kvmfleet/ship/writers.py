@@ -16,24 +16,18 @@ never appear in a URL, a log line or an error message (messages are scrubbed in 
 
 from __future__ import annotations
 
-import base64
 import gzip
 import http.client
 import logging
 import os
 import socket
 import ssl
-import threading
 import urllib.parse
 from typing import Any, Protocol
 
-from .. import secretfile
-
-log = logging.getLogger("kvmfleet.ship.writers")
+from .. import influxhttp, secretfile
 
 USER_AGENT = "kvmfleet-ship/0.1"
-MAX_ERROR_TEXT = 400
-MAX_RESPONSE_BODY = 1 << 20
 
 
 class ShipConfigError(ValueError):
@@ -95,27 +89,11 @@ def _retry_after(value: str | None) -> float | None:
         return None  # an HTTP-date: ignored, our own backoff applies
 
 
-def _server_message(body: bytes | str) -> str:
-    """The ``error``/``message`` of a JSON error body, else the text; one line, truncated."""
-    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else str(body)
-    text = text.strip()
-    try:
-        import json
-
-        obj = json.loads(text)
-        if isinstance(obj, dict):
-            text = str(obj.get("error") or obj.get("message") or text)
-    except ValueError:
-        pass
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT] + "..."
-
-
 def classify_status(
     name: str, status: int, body: bytes | str, retry_after: str | None, hint_auth: str, hint_404: str
 ) -> WriteError:
     """The :class:`WriteError` for a non-2xx answer."""
-    msg = _server_message(body)
+    msg = influxhttp.server_message(body)
     ra = _retry_after(retry_after)
     if status in (400, 413, 422):
         return PermanentWriteError(f"{name}: HTTP {status}: rejected: {msg}", status)
@@ -128,42 +106,19 @@ def classify_status(
     return RetryableWriteError(f"{name}: HTTP {status}: {msg}", status, ra)
 
 
-class _Scrubber:
-    def __init__(self, *secrets: str) -> None:
-        self._secrets = [s for s in secrets if s and len(s) >= 1]
-
-    def __call__(self, text: str) -> str:
-        for s in self._secrets:
-            text = text.replace(s, "***")
-        return text
-
-
-def _check_url(url: str, what: str) -> urllib.parse.SplitResult:
+def _checked_url(url: str, what: str) -> urllib.parse.SplitResult:
     try:
-        u = urllib.parse.urlsplit(url)
-        _ = u.port
-    except ValueError as e:
-        raise ShipConfigError(f"{what}: bad url {url!r}: {e}") from None
-    if u.scheme not in ("http", "https") or not u.hostname:
-        raise ShipConfigError(f"{what}: url must be http(s)://host[:port][/path], got {url!r}")
-    if u.username is not None or u.password is not None:
-        raise ShipConfigError(f"{what}: credentials do not belong in the url; use the secret file options")
-    if u.query or u.fragment:
-        raise ShipConfigError(f"{what}: the url must have no query string or fragment")
-    return u
+        return influxhttp.check_url(url)
+    except influxhttp.URLProblem as problem:
+        hint = "; use the secret file options" if problem.kind == influxhttp.URL_CREDENTIALS else ""
+        raise ShipConfigError(f"{what}: {problem}{hint}") from None
 
 
-def _ssl_context(verify_tls: bool, ca_file: str | None) -> ssl.SSLContext:
-    if not verify_tls:
-        log.warning("TLS certificate verification is disabled (verify_tls false)")
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        return ctx
+def _tls_context(verify_tls: bool, ca_file: str | None, who: str) -> ssl.SSLContext:
     try:
-        return ssl.create_default_context(cafile=ca_file or None)
-    except (OSError, ssl.SSLError) as e:
-        raise ShipConfigError(f"ca_file {ca_file!r} cannot be used: {e}") from None
+        return influxhttp.tls_context(verify_tls, ca_file, who=who, off_by="verify_tls false")
+    except influxhttp.CAFileError as err:
+        raise ShipConfigError(f"ca_file {err}") from None
 
 
 def _is_cert_error(e: BaseException) -> bool:
@@ -179,8 +134,8 @@ def _is_cert_error(e: BaseException) -> bool:
 
 
 class V1Writer:
-    """InfluxDB 1.x ``POST /write?db=DB&rp=RP&precision=ns`` with ``http.client``: one kept-alive connection,
-    gzip body, Basic auth from ``password_file``, TLS verified unless ``verify_tls=False``.
+    """InfluxDB 1.x ``POST /write?db=DB&rp=RP&precision=ns``: one kept-alive connection, gzip body, Basic auth
+    from ``password_file``, TLS verified unless ``verify_tls=False``.
 
     ``timeout`` bounds each socket read/write; ``connect_timeout`` (default: ``timeout``) the TCP connect and
     TLS handshake. Not thread-safe: one sender thread uses it (``abort`` may come from another).
@@ -199,128 +154,89 @@ class V1Writer:
         connect_timeout: float | None = None,
         gzip_level: int = 5,
     ) -> None:
-        u = _check_url(url, "influxdb v1")
+        u = _checked_url(url, "influxdb v1")
         if not database:
             raise ShipConfigError("influxdb v1: database is required")
         self.url = url
         self.database = database
         self.retention_policy = retention_policy or None
         self.username = username or None
-        self.timeout = float(timeout)
-        self.connect_timeout = float(connect_timeout if connect_timeout is not None else timeout)
+        self.verify_tls = verify_tls
+        self.ca_file = ca_file
         self.gzip_level = int(gzip_level)
-        self._https = u.scheme == "https"
-        self._host = u.hostname or ""
-        self._port = u.port or (443 if self._https else 80)
         params = {"db": database}
         if self.retention_policy:
             params["rp"] = self.retention_policy
         params["precision"] = "ns"
-        self._path = (u.path.rstrip("/") or "") + "/write?" + urllib.parse.urlencode(params)
-        self._ctx = _ssl_context(verify_tls, ca_file) if self._https else None
-        self.verify_tls = verify_tls
-        self.ca_file = ca_file
+        self._path = influxhttp.endpoint(url, "/write", params)
         self.name = f"influxdb-v1 {u.scheme}://{u.netloc}{u.path} db={database}" + (
             f" rp={self.retention_policy}" if self.retention_policy else "")
+        tls = _tls_context(verify_tls, ca_file, self.name) if u.scheme == "https" else None
+        self._http = influxhttp.KeepAliveConnection(url, tls, timeout, connect_timeout)
+        password = self._read_password(password_file)
         self._headers = {
             "Content-Type": "text/plain; charset=utf-8",
             "Content-Encoding": "gzip",
             "User-Agent": USER_AGENT,
+            **influxhttp.auth_headers(username=self.username, password=password),
         }
-        password = ""
-        auth = ""
-        if password_file:
-            if not self.username:
-                raise ShipConfigError("influxdb v1: password_file given without username")
-            password = read_secret(password_file, "password_file")
-            auth = base64.b64encode(f"{self.username}:{password}".encode()).decode("ascii")
-            self._headers["Authorization"] = "Basic " + auth
-        elif self.username:
-            raise ShipConfigError("influxdb v1: username given without password_file")
-        self._scrub = _Scrubber(password, auth)
+        self._scrub = influxhttp.Scrubber(password, username=self.username)
         self._hint_auth = (f"check username {self.username!r} and password_file {password_file!r}"
                            if self.username else "the server requires credentials: set username and password_file")
         self._hint_404 = f"does database {database!r} exist? is the url path right?"
-        self._conn: http.client.HTTPConnection | None = None
-        self._conn_lock = threading.Lock()
-        self.connections = 0  # connections opened so far (keep-alive reuse shows as few)
+
+    def _read_password(self, password_file: str | None) -> str:
+        if password_file and not self.username:
+            raise ShipConfigError("influxdb v1: password_file given without username")
+        if self.username and not password_file:
+            raise ShipConfigError("influxdb v1: username given without password_file")
+        return read_secret(password_file, "password_file") if password_file else ""
 
     def __repr__(self) -> str:
         return f"V1Writer({self.name})"
 
-    def _connect(self) -> http.client.HTTPConnection:
-        conn: http.client.HTTPConnection
-        if self._https:
-            conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.connect_timeout,
-                                               context=self._ctx)
-        else:
-            conn = http.client.HTTPConnection(self._host, self._port, timeout=self.connect_timeout)
-        with self._conn_lock:
-            self._conn = conn
-        self.connections += 1
-        conn.connect()
-        if conn.sock is not None:
-            conn.sock.settimeout(self.timeout)
-        return conn
+    @property
+    def timeout(self) -> float:
+        return self._http.timeout
 
-    def _drop_conn(self) -> None:
-        with self._conn_lock:
-            conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except OSError:
-                pass
+    @property
+    def connect_timeout(self) -> float:
+        return self._http.connect_timeout
+
+    @property
+    def connections(self) -> int:
+        """Connections opened so far (keep-alive reuse shows as few)."""
+        return self._http.opened
 
     def abort(self) -> None:
-        with self._conn_lock:
-            conn = self._conn
-        sock = conn.sock if conn is not None else None
-        if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        self._http.abort()
 
     def close(self) -> None:
-        self._drop_conn()
+        self._http.close()
 
     def write(self, body_lines: list[str]) -> None:
         if not body_lines:
             return
         body = gzip.compress("\n".join(body_lines).encode("utf-8"), compresslevel=self.gzip_level, mtime=0)
-        for attempt in (1, 2):
-            reused = self._conn is not None
-            try:
-                conn = self._conn if self._conn is not None else self._connect()
-                conn.request("POST", self._path, body=body, headers=self._headers)
-                resp = conn.getresponse()
-                data = resp.read(MAX_RESPONSE_BODY)  # a 204, or a short JSON error
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
-                self._drop_conn()
-                if reused and attempt == 1:
-                    continue  # the server closed an idle kept-alive connection: once more on a new one
-                raise RetryableWriteError(f"{self.name}: connection lost: {self._scrub(str(e) or type(e).__name__)}"
-                                          ) from None
-            except (TimeoutError, socket.timeout):
-                self._drop_conn()
-                raise RetryableWriteError(f"{self.name}: timed out (timeout {self.timeout:g}s)") from None
-            except ssl.SSLCertVerificationError as e:
-                self._drop_conn()
-                raise ConfigWriteError(f"{self.name}: TLS certificate verification failed: "
-                                       f"{self._scrub(e.verify_message or str(e))} (set ca_file, or verify_tls "
-                                       f"false)") from None
-            except (OSError, http.client.HTTPException) as e:
-                self._drop_conn()
-                raise RetryableWriteError(f"{self.name}: {type(e).__name__}: {self._scrub(str(e))}") from None
-            if resp.will_close or not resp.isclosed():  # closing, or a body too big to drain: new connection
-                self._drop_conn()
-            if 200 <= resp.status < 300:
-                return
-            err = classify_status(self.name, resp.status, data, resp.getheader("Retry-After"), self._hint_auth,
-                                  self._hint_404)
-            err.args = (self._scrub(str(err)),)
-            raise err
+        try:
+            resp = self._http.post(self._path, body, self._headers)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+            raise RetryableWriteError(f"{self.name}: connection lost: {self._scrub(str(e) or type(e).__name__)}"
+                                      ) from None
+        except (TimeoutError, socket.timeout):
+            raise RetryableWriteError(f"{self.name}: timed out (timeout {self.timeout:g}s)") from None
+        except ssl.SSLCertVerificationError as e:
+            raise ConfigWriteError(f"{self.name}: TLS certificate verification failed: "
+                                   f"{self._scrub(e.verify_message or str(e))} (set ca_file, or verify_tls "
+                                   f"false)") from None
+        except (OSError, http.client.HTTPException) as e:
+            raise RetryableWriteError(f"{self.name}: {type(e).__name__}: {self._scrub(str(e))}") from None
+        if 200 <= resp.status < 300:
+            return
+        err = classify_status(self.name, resp.status, resp.body, resp.header("Retry-After"), self._hint_auth,
+                              self._hint_404)
+        err.args = (self._scrub(str(err)),)
+        raise err
 
 
 class V2Writer:
@@ -342,7 +258,7 @@ class V2Writer:
         timeout: float = 10.0,
         connect_timeout: float | None = None,
     ) -> None:
-        u = _check_url(url, "influxdb v2")
+        u = _checked_url(url, "influxdb v2")
         if not bucket:
             raise ShipConfigError("influxdb v2: bucket is required")
         if ca_file and not os.access(ca_file, os.R_OK):
@@ -356,7 +272,7 @@ class V2Writer:
         self.ca_file = ca_file
         self.name = f"influxdb-v2 {u.scheme}://{u.netloc}{u.path} bucket={bucket}"
         token = read_secret(token_file, "token_file") if token_file else ""
-        self._scrub = _Scrubber(token)
+        self._scrub = influxhttp.Scrubber(token)
         self._hint_auth = (f"check token_file {token_file!r}" if token_file
                            else "the server requires a token: set token_file")
         self._hint_404 = f"do org {self.org!r} and bucket {bucket!r} exist? is the url path right?"
@@ -369,10 +285,10 @@ class V2Writer:
         from influxdb_client.domain.write_precision import WritePrecision
 
         kwargs: dict[str, Any] = {"verify_ssl": bool(verify_tls)}
-        if not verify_tls and u.scheme == "https":
-            log.warning("%s: TLS certificate verification is disabled (verify_tls false)", self.name)
+        if u.scheme == "https":
+            kwargs["ssl_context"] = _tls_context(verify_tls, ca_file, self.name)
         if ca_file:
-            kwargs["ssl_ca_cert"] = ca_file
+            kwargs["ssl_ca_cert"] = ca_file  # as well: influxdb-client releases before ssl_context ignore it
         self._client = InfluxDBClient(
             url=url,
             token=token,  # "" sends no Authorization header
