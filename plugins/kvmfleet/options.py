@@ -14,12 +14,12 @@ import math
 import os
 import re
 import ssl
-import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
 from . import schema, words
+from .influxhttp import URL_CREDENTIALS, URLProblem, check_url, redact_url
 from .ship import ShipConfig, make_writer
 from .ship.writers import ShipConfigError, Writer, read_secret
 from .sources import DEFAULT_URI, SOURCE_NAMES
@@ -216,20 +216,6 @@ def _onoff(flag: bool) -> str:
     return "on" if flag else "off"
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any user:password part replaced by ``***`` (for log lines)."""
-    try:
-        u = urllib.parse.urlsplit(url)
-    except ValueError:
-        return "<unparsable url>"
-    if u.username is None and u.password is None:
-        return url
-    host = u.hostname or ""
-    if u.port:
-        host += f":{u.port}"
-    return urllib.parse.urlunsplit((u.scheme, "***@" + host, u.path, u.query, u.fragment))
-
-
 def show_value(value: ConfigValue) -> str:
     """A config value as it would be written in collectd.conf."""
     if isinstance(value, bool):
@@ -346,16 +332,13 @@ def _to_text(opt: Option, values: tuple[ConfigValue, ...], check_files: bool) ->
 
 def _to_url(opt: Option, values: tuple[ConfigValue, ...], check_files: bool) -> str:
     text = _string(opt, values, "a quoted string").strip()
-    expected = "an http(s) URL such as \"https://influx.example:8086\" (no credentials, query or fragment)"
     try:
-        u = urllib.parse.urlsplit(text)
-        _ = u.port
-    except ValueError:
-        raise Bad(expected) from None
-    if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
-        raise Bad(expected)
-    if u.username is not None or u.password is not None:
-        raise Bad("a URL without user:password (put credentials in PasswordFile or TokenFile)")
+        check_url(text)
+    except URLProblem as e:
+        if e.kind == URL_CREDENTIALS:
+            raise Bad("a URL without user:password (put credentials in PasswordFile or TokenFile)") from None
+        raise Bad("an http(s) URL such as \"https://influx.example:8086\" (no credentials, query or fragment)"
+                  ) from None
     return text
 
 

@@ -15,7 +15,7 @@ from .collector import HostStats, Sample, VMSample
 from .facts import HostFacts
 from .model import StatDesc, Stats, StatType, VMKey
 from .options import AgentConfig
-from .ship.lineproto import encode_fields, escape_key, series_prefix
+from .ship.lineproto import encode_fields, escape_key, int_fields_template, series_prefix
 from .statblock import MergedStats, StatBlock, scalar_items
 from .tdp import TDP_ENABLED, TDP_UNKNOWN
 
@@ -58,14 +58,13 @@ class _Plan:
     """How to turn stats of one layout into fields and dispatched values, fast."""
 
     names: tuple[str, ...]  # kept scalar names, sorted
-    keys: tuple[str, ...]  # their escaped field keys with "="
     types: tuple[str, ...]  # their collectd types
     get: Callable[[Any], tuple[int, ...]]  # picks their values (from the flat scalars, or a name -> value dict)
     hists: tuple[tuple[str, str], ...]  # kept histograms: (name, escaped "<name>_bucket_")
     template: str = ""  # "k1=%di,k2=%di,..." for the values in order
 
     def __post_init__(self) -> None:
-        self.template = ",".join(key.replace("%", "%%") + "%di" for key in self.keys)
+        self.template = int_fields_template(self.names)
 
 
 def _picker(indexes: Sequence[Any]) -> Callable[[Any], tuple[int, ...]]:
@@ -113,7 +112,6 @@ class PointBuilder:
         self._loose_plans: dict[tuple[Any, ...], _Plan] = {}
         self._bucket_key_cache: dict[tuple[str, int], tuple[str, ...]] = {}
         self._series: dict[VMKey, _Series] = {}
-        self._field_keys: dict[str, str] = {}
         self._facts_text = ""
 
     # -- filters and keys
@@ -122,12 +120,6 @@ class PointBuilder:
         if kept is None:
             kept = self._keep[name] = self.config.keeps(name)
         return kept
-
-    def _key(self, name: str) -> str:
-        key = self._field_keys.get(name)
-        if key is None:
-            key = self._field_keys[name] = escape_key(name) + "="
-        return key
 
     def _block_plan(self, shapes: Sequence[Any]) -> _Plan:
         chosen: dict[str, tuple[int, StatDesc | None]] = {}
@@ -144,7 +136,6 @@ class PointBuilder:
         names = tuple(sorted(chosen))
         return _Plan(
             names=names,
-            keys=tuple(self._key(n) for n in names),
             types=tuple(collectd_type(chosen[n][1]) for n in names),
             get=_picker([chosen[n][0] for n in names]),
             hists=self._hist_keys(sorted(hists)),
@@ -173,7 +164,7 @@ class PointBuilder:
             if self.config.histograms:  # buckets are computed (host totals: added up) only when encoded
                 hists = self._hist_keys(sorted(
                     n for n, d in descs.items() if d.type.is_histogram and n not in found and self.keeps(n)))
-            plan = _Plan(names, tuple(self._key(n) for n in names), tuple(collectd_type(descs.get(n)) for n in names),
+            plan = _Plan(names, tuple(collectd_type(descs.get(n)) for n in names),
                          _picker(names), hists)
             if len(self._loose_plans) > 4096:
                 self._loose_plans.clear()

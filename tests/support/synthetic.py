@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvmfleet import influxhttp, schema
-from kvmfleet.ship.lineproto import encode_fields, series_prefix
+from kvmfleet.ship.lineproto import encode_fields, int_fields_template, series_prefix
 
 # Cumulative counters (per vCPU-second rates in profiles) and instant ones (per-vCPU levels).
 CUMULATIVE = (
@@ -161,7 +161,7 @@ def host_lines(spec: HostSpec, end_s: int, duration_s: int, step_s: int = 10, se
     names = _names(spec)
     if spec.old_names and (spec.fields is None or "mmu_pte_write" in spec.fields):
         names.append(("mmu_pte_write", "mmu_pte_updated", True))  # the old extra counter, shadow-only too
-    keys = [f"{written}=" for _, written, _ in names]
+    template = int_fields_template(written for _, written, _ in names)
     is_cum = [c for _, _, c in names]
     host_prefix = series_prefix(schema.M_HOST, dict(spec.tags, host=spec.name))
     facts_prefix = series_prefix(schema.M_FACTS, dict(spec.tags, host=spec.name))
@@ -206,15 +206,15 @@ def host_lines(spec: HostSpec, end_s: int, duration_s: int, step_s: int = 10, se
                 continue
             vals = [cum[i] if is_cum[i] else rates[i] * act for i in range(n)]
             if spec.per_vm:
-                yield f"{prefix} {','.join([f'{k}{int(v)}i' for k, v in zip(keys, vals)])} {t}"
+                yield f"{prefix} {template % tuple(map(int, vals))} {t}"
             if spec.per_vcpu:
                 per = max(1, vm.vcpus)
-                text = ",".join([f"{k}{int(v / per)}i" for k, v in zip(keys, vals)])
+                text = template % tuple(int(v / per) for v in vals)
                 for p in vcpu_prefixes:
                     yield f"{p} {text} {t}"
         if not in_gap:
             if n:
-                yield f"{host_prefix} {','.join([f'{k}{int(v)}i' for k, v in zip(keys, host_vals)])} {t}"
+                yield f"{host_prefix} {template % tuple(map(int, host_vals))} {t}"
             if facts_text:
                 yield f"{facts_prefix} {facts_text} {t}"
         t += step_s

@@ -127,3 +127,9 @@ def test_hot_path_is_fast() -> None:
     elapsed = time.perf_counter() - t0
     assert len(out) == 200 and out[0].startswith("kvm_vm,host=hv01,vm=instance-0000 counter_0=1000000i,")
     assert elapsed < 0.25, elapsed
+
+
+def test_int_fields_template_fills_to_the_encoders_bytes() -> None:
+    fields = {"exits": 12, "a b,c=d": 3, "pct%": 7, "halt_exits": 0}
+    names = sorted(fields)
+    assert lineproto.int_fields_template(names) % tuple(fields[n] for n in names) == lineproto.encode_int_fields(fields)

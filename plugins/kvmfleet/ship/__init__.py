@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .. import words
 from .buffer import DEFAULT_CAPACITY, LineBuffer
 from .lineproto import encode_fields, encode_int_fields, encode_point, line, series_prefix
 from .shipper import Shipper
@@ -60,8 +61,6 @@ __all__ = [
 ]
 
 DEFAULT_SPOOL_PATH = "/var/lib/kvmfleet/spool/ship.spool"
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
 
 
 @dataclass
@@ -118,14 +117,10 @@ def _convert(key: str, typ: Any, value: Any) -> Any:
         if value is None:
             return None
         if t == "bool":
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in _TRUE:
-                return True
-            if text in _FALSE:
-                return False
-            raise ValueError(text)
+            flag = value if isinstance(value, bool) else words.parse_bool(str(value))
+            if flag is None:
+                raise ValueError(value)
+            return flag
         if t == "int":
             return int(float(value)) if isinstance(value, (int, float)) else int(str(value).strip())
         if t == "float":

@@ -131,6 +131,12 @@ def encode_int_fields(fields: Mapping[str, int]) -> str:
     return ",".join([f"{_field_key(k)}={v}i" for k, v in sorted(fields.items())])
 
 
+def int_fields_template(names: Iterable[str]) -> str:
+    """``k1=%di,k2=%di,...`` for these field names (escaped, in the order given), to fill with
+    ``template % values``: the fast path for many lines that carry the same integer fields."""
+    return ",".join(_field_key(name).replace("%", "%%") + "=%di" for name in names)
+
+
 def line(prefix: str, fields: str | Mapping[str, FieldValue | None], ts_ns: int | None = None) -> str:
     """One line from a :func:`series_prefix`, fields (a mapping, or already encoded) and a ns timestamp.
 
