@@ -51,6 +51,10 @@ class URLProblem(ValueError):
         super().__init__(messages[kind])
 
 
+class DeadlineExceeded(TimeoutError):
+    """An exchange that did not end within its deadline (a slow or stuck server); the socket was shut down."""
+
+
 class CAFileError(ValueError):
     """A CA file that cannot be loaded; the message starts with the quoted path (the caller names the option)."""
 
@@ -185,13 +189,16 @@ class KeepAliveConnection:
     """One kept-alive HTTP(S) connection to one server, for POSTs.
 
     A POST that finds its kept-alive connection closed by the server (an idle timeout) is sent once more on a
-    new one. ``connect_timeout`` bounds the TCP connect and TLS handshake, ``timeout`` each read and write.
-    Not thread-safe, except :meth:`abort`. Transport errors propagate as raised (``OSError``, ``TimeoutError``,
-    ``ssl.SSLError``, ``http.client.HTTPException``): each caller words them.
+    new one. ``connect_timeout`` bounds the TCP connect and TLS handshake, ``timeout`` each read and write, and
+    ``deadline`` (default ``timeout``) the whole exchange: a server that answers one byte a second resets every
+    read's timeout but not the deadline, after which the socket is shut down and :class:`DeadlineExceeded`
+    raised. Not thread-safe, except :meth:`abort`. Transport errors propagate as raised (``OSError``,
+    ``TimeoutError``, ``ssl.SSLError``, ``http.client.HTTPException``): each caller words them.
     """
 
     def __init__(self, url: str, tls: ssl.SSLContext | None = None, timeout: float = 10.0,
-                 connect_timeout: float | None = None, max_body: int = MAX_RESPONSE_BODY) -> None:
+                 connect_timeout: float | None = None, max_body: int = MAX_RESPONSE_BODY,
+                 deadline: float | None = None) -> None:
         parts = check_url(url)
         self._https = parts.scheme == "https"
         self._host = parts.hostname or ""
@@ -200,12 +207,33 @@ class KeepAliveConnection:
         self.timeout = float(timeout)
         self.connect_timeout = self.timeout if connect_timeout is None else float(connect_timeout)
         self.max_body = max_body
+        self.deadline = self.timeout if deadline is None else float(deadline)
         self.opened = 0  # connections opened so far: few when keep-alive works
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
 
     def post(self, path: str, body: bytes, headers: Mapping[str, str]) -> Response:
-        """POST ``body`` to ``path``; the answer with at most ``max_body`` bytes of its body."""
+        """POST ``body`` to ``path``; the answer with at most ``max_body`` bytes of its body, within ``deadline``
+        seconds or :class:`DeadlineExceeded`."""
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            self.abort()
+
+        watchdog = threading.Timer(self.deadline, expire)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return self._post(path, body, headers)
+        except (OSError, http.client.HTTPException) as err:
+            if expired.is_set():
+                raise DeadlineExceeded(f"no complete answer within {self.deadline:g}s") from err
+            raise
+        finally:
+            watchdog.cancel()
+
+    def _post(self, path: str, body: bytes, headers: Mapping[str, str]) -> Response:
         for attempt in (1, 2):
             reused = self._conn is not None
             try:

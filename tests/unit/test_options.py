@@ -114,7 +114,7 @@ def test_secret_files_are_checked_and_never_read_out(tmp_path: Path) -> None:
     assert len(missing) == 1 and f'option TokenFile "{tmp_path / "nope"}"' in missing[0]
     assert "No such file or directory" in missing[0] and "holding the token alone" in missing[0]
     a_dir = problems(*base, ("TokenFile", str(tmp_path)))
-    assert "Is a directory" in a_dir[0]
+    assert "is not a regular file" in a_dir[0]
     empty = secret(tmp_path, "empty", "")
     assert "is empty" in problems(*base, ("TokenFile", empty))[0]
     two = secret(tmp_path, "two", SECRET + "\nsecond line")
