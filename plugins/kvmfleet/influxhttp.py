@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
+import ipaddress
 import json
 import logging
 import socket
@@ -33,6 +34,7 @@ URL_UNPARSABLE = "unparsable"
 URL_NOT_HTTP = "not-http"
 URL_CREDENTIALS = "credentials"
 URL_QUERY = "query"
+URL_PLAIN_CREDENTIALS = "plain-credentials"
 
 
 class URLProblem(ValueError):
@@ -47,6 +49,8 @@ class URLProblem(ValueError):
             URL_NOT_HTTP: f"url must be http(s)://host[:port][/path], got {self.shown!r}",
             URL_CREDENTIALS: "credentials do not belong in the url",
             URL_QUERY: "the url must have no query string or fragment",
+            URL_PLAIN_CREDENTIALS: f"credentials would cross the network unencrypted to {self.shown!r} (http://): "
+                                   f"use https://, or allow plain http explicitly",
         }
         super().__init__(messages[kind])
 
@@ -75,6 +79,25 @@ def check_url(url: str) -> urllib.parse.SplitResult:
     if parts.query or parts.fragment:
         raise URLProblem(URL_QUERY, url)
     return parts
+
+
+def check_credentials_transport(url: str, credentials: bool, allow_plain: bool = False) -> None:
+    """Refuse to send credentials over plain ``http://`` to another machine (anyone on the path reads them),
+    unless the operator said so (``allow_plain``): :class:`URLProblem` of kind ``URL_PLAIN_CREDENTIALS``.
+    TLS, or a loopback address (the credentials never leave this machine), is always fine."""
+    parts = check_url(url)
+    if not credentials or allow_plain or parts.scheme == "https" or _is_loopback(parts.hostname or ""):
+        return
+    raise URLProblem(URL_PLAIN_CREDENTIALS, url)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def redact_url(url: str) -> str:

@@ -59,6 +59,9 @@ def add_audit_args(p: argparse.ArgumentParser) -> None:
                    help="override one threshold (repeatable), e.g. shadow-paging.warning_per_exit=0.01")
     p.add_argument("--ca-file", metavar="F", help="PEM bundle to verify the server's certificate with")
     p.add_argument("--no-verify-tls", action="store_true", help="do not verify the server's certificate (unsafe)")
+    p.add_argument("--allow-plain-http", action="store_true",
+                   help="send the token or password to an http:// URL on another machine, unencrypted (refused "
+                        "otherwise; https:// and loopback need no such permission)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="per request (default 60)")
     p.add_argument("--parallel", type=int, default=4, metavar="N", help="requests in flight at once (default 4)")
 
@@ -93,7 +96,8 @@ def run_audit_command(args: argparse.Namespace, out: TextIO | None = None) -> in
         password = read_secret_file(args.password_file, "--password-file") if args.password_file else None
         conn = Connection(url=args.url, database=args.database, retention_policy=args.retention_policy,
                           bucket=args.bucket, org=args.org, token=token, username=args.username, password=password,
-                          ca_file=args.ca_file, verify_tls=not args.no_verify_tls, timeout=args.timeout)
+                          ca_file=args.ca_file, verify_tls=not args.no_verify_tls,
+                          allow_plain_http=args.allow_plain_http, timeout=args.timeout)
         if args.ca_file and not os.path.isfile(args.ca_file):
             return _err("audit", f"--ca-file {args.ca_file!r} does not exist")
         client = InfluxQLClient(conn)

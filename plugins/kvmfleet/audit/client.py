@@ -50,6 +50,7 @@ class Connection:
     password: str | None = None
     ca_file: str | None = None
     verify_tls: bool = True
+    allow_plain_http: bool = False  # credentials over http:// to another machine: refused unless true
     timeout: float = 60.0
 
     @property
@@ -79,6 +80,12 @@ class InfluxQLClient:
         https = _checked_url(conn.url).scheme == "https"
         if not conn.db:
             raise AuditError("a database (--database) or a bucket (--bucket) is needed")
+        try:
+            influxhttp.check_credentials_transport(conn.url, bool(conn.token or conn.username),
+                                                   conn.allow_plain_http)
+        except influxhttp.URLProblem:
+            raise AuditError(f"--url {influxhttp.redact_url(conn.url)!r}: the credentials would cross the network "
+                             f"unencrypted: use https://, or --allow-plain-http") from None
         self.conn = conn
         self._where = influxhttp.redact_url(conn.url)
         self._path = influxhttp.endpoint(conn.url, "/query")
