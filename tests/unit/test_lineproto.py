@@ -41,10 +41,20 @@ TAG_VALUES = st.one_of(st.none(), AWKWARD, st.integers())
 TIMESTAMPS = st.one_of(st.none(), st.integers(min_value=0, max_value=2**63 - 1))
 
 
+def stand_in(value: Any) -> Any:
+    """A tag value as kvmfleet ships it: each backslash InfluxDB 1.x and VictoriaMetrics would read differently
+    (before a backslash, a separator, a control character Point escapes, or at the end) becomes U+FF3C."""
+    if not isinstance(value, str):
+        return value
+    return "".join("\uff3c" if ch == "\\" and (i + 1 == len(value) or value[i + 1] in "\\, \n\t\r") else ch
+                   for i, ch in enumerate(value))
+
+
 def reference(measurement: str, tags: dict[str, Any], fields: dict[str, Any], ts: int | None) -> str:
+    """Point's line; tag values with an ambiguous backslash are given to it as kvmfleet ships them."""
     p = Point(measurement)
     for k, v in tags.items():
-        p.tag(k, v)
+        p.tag(k, stand_in(v))
     for k, v in fields.items():
         p.field(k, v)
     if ts is not None:
@@ -86,8 +96,28 @@ def test_escaping_examples() -> None:
         r'b=true,f=1,g=2.5,i=7i,s="say \"hi\" \\o/"'
     )
     assert encode_fields({"k=1 2": 3}) == r"k\=1\ 2=3i"
-    # a tag value ending in a backslash gets a space, as influxdb-client does
-    assert series_prefix("m", {"t": "x\\"}) == "m,t=x\\ "
+    # a backslash before an ordinary character or "=" is kept, as influxdb-client does
+    assert series_prefix("m", {"t": "CORP\\web01", "u": "a\\=b"}) == "m,t=CORP\\web01,u=a\\\\=b"
+
+
+# (VM name, the tag value kvmfleet ships, its bytes): both servers store that value (a newline as the two
+# characters \\n, as for any name). What influxdb-client's Point ships instead, and what each server made of it:
+# docs/schema.md, "Names with a backslash"; tests/server/test_ship_backslash.py checks both servers.
+BACKSLASH_NAMES = [
+    ("x\\", "x\uff3c", "x\uff3c"),
+    ("a\\\\b", "a\uff3c\\b", "a\uff3c\\b"),
+    ("a\\ b", "a\uff3c b", "a\uff3c\\ b"),
+    ("a\\,b", "a\uff3c,b", "a\uff3c\\,b"),
+    ("a\\\nb", "a\uff3c\nb", "a\uff3c\\nb"),
+    ("\\\\\\", "\uff3c\uff3c\uff3c", "\uff3c\uff3c\uff3c"),
+]
+
+
+@pytest.mark.parametrize(("name", "value", "shipped"), BACKSLASH_NAMES)
+def test_ambiguous_backslashes_in_tag_values(name: str, value: str, shipped: str) -> None:
+    """The backslashes InfluxDB 1.x and VictoriaMetrics read differently become U+FF3C."""
+    assert stand_in(name) == value
+    assert series_prefix("kvm_vm", {"vm": name}) == "kvm_vm,vm=" + shipped
 
 
 def test_skips_none_and_non_finite() -> None:

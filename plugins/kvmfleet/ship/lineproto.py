@@ -11,7 +11,15 @@ Rules (those of influxdb-client 1.50's ``Point.to_line_protocol()``, which tests
 
 * measurement: ``,`` and space are backslash-escaped; tag keys, tag values and field keys: ``,``, ``=`` and
   space. In all of them newline, tab and carriage return become the two characters ``\\n``, ``\\t``,
-  ``\\r``. A tag value ending in a backslash gets a space appended (so that it does not escape the separator).
+  ``\\r``.
+* one deliberate difference, in tag values only: a backslash followed by a backslash, ``,``, space, newline, tab,
+  carriage return, or ending the value, becomes U+FF3C FULLWIDTH REVERSE SOLIDUS. InfluxDB 1.x and
+  VictoriaMetrics read such a backslash differently (1.x keeps ``\\\\`` as two backslashes and treats any
+  separator after a backslash as escaped; VictoriaMetrics turns ``\\\\`` into one and counts the backslashes
+  before a separator), so no bytes give the same value on both: VictoriaMetrics silently dropped the line of a
+  VM named ``a\\ b``, and stored ``a\\\\b`` as ``a\\b``. Point appends a space to a value ending in a
+  backslash, which both servers store as that space. Every other backslash (before a letter, a digit, ``=``...)
+  is kept and reads the same on both (``docs/schema.md``, "Names with a backslash").
 * tags are sorted by key (InfluxDB's canonical order); a tag whose value is ``None`` or whose key or value is
   empty is left out. Fields are sorted by key too.
 * field values: ``bool`` -> ``true``/``false``; ``int`` -> ``123i``; ``float`` -> ``repr`` without a
@@ -23,6 +31,7 @@ Rules (those of influxdb-client 1.50's ``Point.to_line_protocol()``, which tests
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Union
 
@@ -31,6 +40,9 @@ FieldValue = Union[int, float, bool, str]
 _ESCAPE_MEASUREMENT = str.maketrans({",": r"\,", " ": r"\ ", "\n": r"\n", "\t": r"\t", "\r": r"\r"})
 _ESCAPE_KEY = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\n", "\t": r"\t", "\r": r"\r"})
 _ESCAPE_STRING = str.maketrans({'"': r"\"", "\\": r"\\"})
+# A backslash in a tag value that InfluxDB 1.x and VictoriaMetrics would read differently (see the module doc).
+_AMBIGUOUS_BACKSLASH = re.compile(r"\\(?=[\\, \n\t\r]|\Z)")
+BACKSLASH_STAND_IN = "\uff3c"
 
 # Field keys repeat from sample to sample: remember their escaped form (bounded; cleared when full).
 _KEY_CACHE: dict[str, str] = {}
@@ -47,10 +59,11 @@ def escape_key(key: str) -> str:
 
 
 def escape_tag_value(value: object) -> str:
-    text = str(value).translate(_ESCAPE_KEY)
-    if text.endswith("\\"):
-        text += " "
-    return text
+    """Escape a tag value; an ambiguous backslash becomes :data:`BACKSLASH_STAND_IN` (see the module doc)."""
+    text = str(value)
+    if "\\" in text:
+        text = _AMBIGUOUS_BACKSLASH.sub(BACKSLASH_STAND_IN, text)
+    return text.translate(_ESCAPE_KEY)
 
 
 def escape_string(value: str) -> str:
