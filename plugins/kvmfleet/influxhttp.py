@@ -18,10 +18,10 @@ import socket
 import ssl
 import threading
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol
+from typing import Callable, Protocol
 
 log = logging.getLogger("kvmfleet.influxhttp")
 
@@ -194,6 +194,25 @@ def read_limited(stream: _Readable, limit: int) -> tuple[bytes, bool]:
     return data[:limit], len(data) <= limit
 
 
+@contextlib.contextmanager
+def watchdog(seconds: float, abort: Callable[[], None]) -> Iterator[threading.Event]:
+    """Call ``abort`` from a timer thread if the block still runs after ``seconds``; yields the Event set when it
+    did. Per-read socket timeouts do not bound an exchange (a byte a second resets them): this does."""
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        abort()
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield expired
+    finally:
+        timer.cancel()
+
+
 @dataclass
 class Response:
     """A server's answer. ``complete`` is false when the body was longer than the limit and was cut."""
@@ -238,23 +257,13 @@ class KeepAliveConnection:
     def post(self, path: str, body: bytes, headers: Mapping[str, str]) -> Response:
         """POST ``body`` to ``path``; the answer with at most ``max_body`` bytes of its body, within ``deadline``
         seconds or :class:`DeadlineExceeded`."""
-        expired = threading.Event()
-
-        def expire() -> None:
-            expired.set()
-            self.abort()
-
-        watchdog = threading.Timer(self.deadline, expire)
-        watchdog.daemon = True
-        watchdog.start()
-        try:
-            return self._post(path, body, headers)
-        except (OSError, http.client.HTTPException) as err:
-            if expired.is_set():
-                raise DeadlineExceeded(f"no complete answer within {self.deadline:g}s") from err
-            raise
-        finally:
-            watchdog.cancel()
+        with watchdog(self.deadline, self.abort) as expired:
+            try:
+                return self._post(path, body, headers)
+            except (OSError, http.client.HTTPException) as err:
+                if expired.is_set():
+                    raise DeadlineExceeded(f"no complete answer within {self.deadline:g}s") from err
+                raise
 
     def _post(self, path: str, body: bytes, headers: Mapping[str, str]) -> Response:
         for attempt in (1, 2):

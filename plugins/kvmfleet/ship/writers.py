@@ -16,13 +16,16 @@ never appear in a URL, a log line or an error message (messages are scrubbed in 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import http.client
 import logging
 import os
 import socket
 import ssl
+import threading
 import urllib.parse
+import weakref
 from typing import Any, Protocol
 
 from .. import influxhttp, secretfile
@@ -101,9 +104,23 @@ def classify_status(
         return ConfigWriteError(f"{name}: HTTP {status}: {msg or 'unauthorized'} ({hint_auth})", status, ra)
     if status == 404:
         return ConfigWriteError(f"{name}: HTTP 404: {msg or 'not found'} ({hint_404})", status, ra)
+    if 300 <= status < 400:
+        return ConfigWriteError(f"{name}: HTTP {status}: redirected (writes are not redirected: set the url to "
+                                f"where the server points)", status, ra)
     if "retention policy not found" in msg:
         return ConfigWriteError(f"{name}: HTTP {status}: {msg} (check retention_policy)", status, ra)
     return RetryableWriteError(f"{name}: HTTP {status}: {msg}", status, ra)
+
+
+def unexpected_success(name: str, status: int, length: int | None) -> RetryableWriteError | None:
+    """A 2xx that is not a write's answer: InfluxDB and VictoriaMetrics answer a write with 204 and no body, so a
+    200 with a body (a proxy's page, a misrouted URL) stored nothing we know of and the lines are sent again.
+    ``length`` is the body's length (``None``: unknown)."""
+    if status == 204 or length == 0:
+        return None
+    shown = "a body" if length is None else f"a body of {length} bytes"
+    return RetryableWriteError(f"{name}: HTTP {status} with {shown}, not a write's answer (204): is the url an "
+                               f"InfluxDB?", status)
 
 
 def _checked_url(url: str, what: str) -> urllib.parse.SplitResult:
@@ -144,8 +161,9 @@ class V1Writer:
     """InfluxDB 1.x ``POST /write?db=DB&rp=RP&precision=ns``: one kept-alive connection, gzip body, Basic auth
     from ``password_file``, TLS verified unless ``verify_tls=False``.
 
-    ``timeout`` bounds each socket read/write; ``connect_timeout`` (default: ``timeout``) the TCP connect and
-    TLS handshake. Not thread-safe: one sender thread uses it (``abort`` may come from another).
+    ``timeout`` bounds each socket read/write and the whole exchange (a server answering a byte a second is cut
+    off); ``connect_timeout`` (default: ``timeout``) the TCP connect and TLS handshake. Not thread-safe: one
+    sender thread uses it (``abort`` may come from another).
     """
 
     def __init__(
@@ -232,6 +250,8 @@ class V1Writer:
         except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
             raise RetryableWriteError(f"{self.name}: connection lost: {self._scrub(str(e) or type(e).__name__)}"
                                       ) from None
+        except influxhttp.DeadlineExceeded as e:
+            raise RetryableWriteError(f"{self.name}: timed out: {e}") from None
         except (TimeoutError, socket.timeout):
             raise RetryableWriteError(f"{self.name}: timed out (timeout {self.timeout:g}s)") from None
         except ssl.SSLCertVerificationError as e:
@@ -241,7 +261,10 @@ class V1Writer:
         except (OSError, http.client.HTTPException) as e:
             raise RetryableWriteError(f"{self.name}: {type(e).__name__}: {self._scrub(str(e))}") from None
         if 200 <= resp.status < 300:
-            return
+            odd = unexpected_success(self.name, resp.status, len(resp.body))
+            if odd is None:
+                return
+            raise odd
         err = classify_status(self.name, resp.status, resp.body, resp.header("Retry-After"), self._hint_auth,
                               self._hint_404)
         err.args = (self._scrub(str(err)),)
@@ -253,7 +276,10 @@ class V2Writer:
     ``WriteApi``: gzip, the token from ``token_file``, TLS verified unless ``verify_tls=False``.
 
     The library's batching mode is not used: it drops a batch after its retries and its ``flush()`` does
-    nothing; the :class:`~kvmfleet.ship.shipper.Shipper` buffers and retries instead.
+    nothing; the :class:`~kvmfleet.ship.shipper.Shipper` buffers and retries instead. The library bounds each
+    socket read (``timeout``), not a write: a watchdog shuts the connection's socket down when a write is not
+    answered within ``timeout`` seconds in all (as :class:`~kvmfleet.influxhttp.KeepAliveConnection` does for
+    v1), and :meth:`abort` does the same at once.
     """
 
     def __init__(
@@ -311,12 +337,15 @@ class V2Writer:
         )
         self._api = self._client.write_api(write_options=SYNCHRONOUS)
         self._precision: Any = WritePrecision.NS
+        self._watch = _Watch()
+        self._client.api_client.rest_client.pool_manager.pool_classes_by_scheme = self._watch.pool_classes()
 
     def __repr__(self) -> str:
         return f"V2Writer({self.name})"
 
     def abort(self) -> None:
-        """Nothing to interrupt safely inside urllib3: a blocked write ends at its socket timeout."""
+        """From another thread: shut the connection's socket down, so that a blocked write fails now."""
+        self._watch.shutdown()
 
     def close(self) -> None:
         try:
@@ -325,8 +354,25 @@ class V2Writer:
             pass
 
     def write(self, body_lines: list[str]) -> None:
+        """Send the lines; a :class:`WriteError` unless the server answered 204 (or a 2xx without a body) within
+        ``timeout`` seconds."""
         if not body_lines:
             return
+        self._watch.status = None
+        with influxhttp.watchdog(self.timeout, self._watch.shutdown) as expired:
+            try:
+                self._send(body_lines)
+            except RetryableWriteError:
+                if expired.is_set():
+                    raise RetryableWriteError(f"{self.name}: timed out: no complete answer within {self.timeout:g}s"
+                                              ) from None
+                raise
+        odd = unexpected_success(self.name, self._watch.status or 0, self._watch.length)
+        if odd is not None:
+            raise odd
+
+    def _send(self, body_lines: list[str]) -> None:
+        """influxdb-client's write, its exceptions as :class:`WriteError`."""
         import urllib3
         from influxdb_client.client.exceptions import InfluxDBError
         from influxdb_client.rest import ApiException
@@ -345,9 +391,70 @@ class V2Writer:
             ra = headers.get("Retry-After") if hasattr(headers, "get") else None
             err = classify_status(self.name, status, e.body or e.reason or "", ra, self._hint_auth, self._hint_404)
             raise type(err)(self._scrub(str(err)), err.status, err.retry_after) from None
+        except UnicodeDecodeError:  # the client decodes every answer's body as UTF-8 before it looks at the status
+            status = self._watch.status or 0
+            odd = unexpected_success(self.name, status, self._watch.length) if 200 <= status < 300 else None
+            raise odd or classify_status(self.name, status, "(a body that is not UTF-8)", None, self._hint_auth,
+                                         self._hint_404) from None
         except (OSError, urllib3.exceptions.HTTPError, InfluxDBError) as e:  # connect, timeout, TLS
             text = self._scrub(f"{type(e).__name__}: {e}")
             if _is_cert_error(e):
                 raise ConfigWriteError(f"{self.name}: TLS certificate verification failed: {text} (set ca_file, "
                                        f"or verify_tls false)") from None
             raise RetryableWriteError(f"{self.name}: {text}") from None
+
+
+class _Watch:
+    """The sockets one V2Writer's connections opened and the last answer's status and length, seen from inside
+    urllib3 (influxdb-client shows neither): a watchdog or :meth:`V2Writer.abort` shuts the sockets down."""
+
+    def __init__(self) -> None:
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self.status: int | None = None
+        self.length: int | None = None
+
+    def opened(self, sock: socket.socket | None) -> None:
+        if sock is not None:
+            with self._lock:
+                self._sockets.add(sock)
+
+    def answered(self, status: int, length: str | None) -> None:
+        self.status = status
+        self.length = int(length) if length is not None and length.strip().isdigit() else None
+
+    def shutdown(self) -> None:
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def pool_classes(self) -> dict[str, Any]:
+        """urllib3 pool classes (for ``PoolManager.pool_classes_by_scheme``) whose connections report here."""
+        import urllib3
+        from urllib3.connection import HTTPConnection, HTTPSConnection
+
+        class Pool(urllib3.HTTPConnectionPool):
+            ConnectionCls = _watched(HTTPConnection, self)
+
+        class TLSPool(urllib3.HTTPSConnectionPool):
+            ConnectionCls = _watched(HTTPSConnection, self)
+
+        return {"http": Pool, "https": TLSPool}
+
+
+def _watched(base: Any, watch: _Watch) -> Any:
+    """A subclass of urllib3's connection class ``base`` that tells ``watch`` its socket and its answers."""
+
+    class Watched(base):  # type: ignore[misc]
+        def connect(self) -> None:
+            super().connect()
+            watch.opened(self.sock)
+
+        def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+            resp = super().getresponse(*args, **kwargs)
+            watch.answered(resp.status, resp.headers.get("Content-Length"))
+            return resp
+
+    return Watched
