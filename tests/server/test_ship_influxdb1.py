@@ -180,10 +180,11 @@ def test_stop_during_outage_spools_and_next_shipper_sends(
     influxdb.start()
     sh2 = Shipper(v1(influxdb.url, password_file), LineBuffer(1000), spool, **FAST)
     sh2.start()
-    assert not spool.exists()  # loaded and deleted at start
+    assert spool.exists()  # loaded, and kept until its lines are delivered
     assert sh2.wait_idle(10), sh2.stats()
     st2 = sh2.stop(5)
     assert st2["spool_loaded"] == 20 and st2["sent"] == 20 and st2["submitted"] == 20, st2
+    assert not spool.exists()
     rows = influxdb.rows('SELECT "seq" FROM "kvm"."autogen"."kvm_vm"')
     assert sorted(r["seq"] for r in rows) == list(range(25))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Iterable
+from itertools import islice
 
 DEFAULT_CAPACITY = 100_000
 
@@ -24,6 +25,10 @@ class LineBuffer:
 
     ``append``/``extend`` (producer), ``take`` and ``requeue_front`` (the one consumer) each hold an internal
     lock for a short, network-free moment.
+
+    Each line added gets a sequence number, the count of lines added before it: lines leave at the front and
+    join at the back, so the queue holds the numbers ``front_seq`` to ``next_seq - 1`` (``take_seq`` and ``tail``
+    say which). ``requeue_front`` puts lines back as the ones just before the front.
     """
 
     def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
@@ -36,6 +41,7 @@ class LineBuffer:
         self._dropped = 0
         self._taken = 0
         self._requeued = 0
+        self._front = 0  # sequence number of the first queued line
 
     def __len__(self) -> int:
         return len(self._q)
@@ -49,20 +55,17 @@ class LineBuffer:
         cap = self.capacity
         with self._lock:
             self._added += n
+            dropped = max(0, len(self._q) + n - cap)
             if n >= cap:
-                dropped = len(self._q) + n - cap
                 self._q.clear()
                 self._q.extend(new[n - cap:])
             else:
-                dropped = len(self._q) + n - cap
-                if dropped > 0:
-                    q = self._q
-                    for _ in range(dropped):
-                        q.popleft()
-                else:
-                    dropped = 0
-                self._q.extend(new)
+                q = self._q
+                for _ in range(dropped):
+                    q.popleft()
+                q.extend(new)
             self._dropped += dropped
+            self._front += dropped
             return dropped
 
     def append(self, line: str) -> int:
@@ -70,6 +73,10 @@ class LineBuffer:
 
     def take(self, max_lines: int) -> list[str]:
         """Remove and return up to ``max_lines`` of the oldest lines (in order)."""
+        return self.take_seq(max_lines)[1]
+
+    def take_seq(self, max_lines: int) -> tuple[int, list[str]]:
+        """:meth:`take`, with the sequence number of the first line taken."""
         with self._lock:
             q = self._q
             n = min(max_lines, len(q))
@@ -79,8 +86,36 @@ class LineBuffer:
             else:
                 popleft = q.popleft
                 out = [popleft() for _ in range(n)]
+            first = self._front
+            self._front += n
             self._taken += n
-            return out
+            return first, out
+
+    def tail(self, since: int) -> tuple[int, list[str]]:
+        """A copy of the queued lines numbered ``since`` or later, and the number of the first: the journal's
+        view, read from the back so that a few new lines cost little."""
+        with self._lock:
+            start = max(since, self._front)
+            count = self._front + len(self._q) - start
+            lines = list(islice(reversed(self._q), max(0, count)))
+        lines.reverse()
+        return start, lines
+
+    @property
+    def front_seq(self) -> int:
+        """The sequence number of the oldest queued line (``next_seq`` when empty)."""
+        return self._front
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number the next line added will get."""
+        with self._lock:
+            return self._front + len(self._q)
+
+    def bounds(self) -> tuple[int, int]:
+        """(``front_seq``, ``next_seq``) at one moment."""
+        with self._lock:
+            return self._front, self._front + len(self._q)
 
     def requeue_front(self, lines: list[str], new: bool = False) -> int:
         """Put lines taken earlier back at the front, in their order (for a retry).
@@ -98,6 +133,7 @@ class LineBuffer:
             dropped = max(0, len(lines) - room)
             keep = lines[dropped:] if dropped else lines
             self._q.extendleft(reversed(keep))
+            self._front -= len(keep)
             self._dropped += dropped
             if not new:
                 self._requeued += len(lines)
@@ -105,11 +141,7 @@ class LineBuffer:
 
     def drain(self) -> list[str]:
         """Remove and return everything (for the spool)."""
-        with self._lock:
-            out = list(self._q)
-            self._q.clear()
-            self._taken += len(out)
-            return out
+        return self.take_seq(len(self._q) + self.capacity)[1]
 
     @property
     def dropped(self) -> int:
