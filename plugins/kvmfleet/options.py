@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
-from . import schema, words
+from . import privfile, schema, words
 from .influxhttp import URL_CREDENTIALS, URLProblem, check_credentials_transport, check_url, redact_url
 from .ship import ShipConfig, make_writer
 from .ship.writers import ShipConfigError, Writer, read_secret
@@ -146,13 +146,15 @@ OPTIONS: tuple[Option, ...] = (
            role_var=_role("influx_allow_plain_http")),
     Option("Timeout", "seconds", SHIP_DEFAULTS.timeout, "per request (connect, send, answer); also how long "
            "shutdown flushes before spooling the rest", "timeout", shipping=True, role_var=_role("influx_timeout")),
-    Option("BufferLines", "count", SHIP_DEFAULTS.buffer_lines, "most lines held while the server is unreachable; "
-           "when full the **oldest** are dropped and counted (`dropped`). 100,000 holds an hour of host + per-VM "
-           "points for 200 VMs at 10 s (~120 MB when full)", "buffer_lines", shipping=True,
-           role_var=_role("buffer_lines")),
-    Option("SpoolPath", "spoolpath", SHIP_DEFAULTS.spool_path, "at shutdown what is unsent is written here (mode "
-           "0600, directory 0700 created if missing) and sent after the next start; `\"\"`: no spool (unsent lines "
-           "are lost at shutdown, and a warning says so)", "spool_path", shipping=True,
+    Option("BufferLines", "count", SHIP_DEFAULTS.buffer_lines, "most lines held while the server is unreachable, "
+           "in memory and in the spool; when full the **oldest** are dropped and counted (`dropped`). 100,000 "
+           "holds an hour of host + per-VM points for 200 VMs at 10 s (~120 MB of memory when full, and a spool "
+           "file of up to about twice that)", "buffer_lines", shipping=True, role_var=_role("buffer_lines")),
+    Option("SpoolPath", "spoolpath", SHIP_DEFAULTS.spool_path, "the lines that wait for the server are kept here "
+           "(mode 0600, directory 0700 created if missing; a directory another user can write, or owns, is "
+           "refused): appended within 2 s, fsynced within 7 s while the server fails, written at shutdown, sent "
+           "after the next start and removed once delivered (\"Durability\" below); `\"\"`: no spool (unsent lines "
+           "are lost at shutdown or a crash, and a warning says so)", "spool_path", shipping=True,
            role_var=_role("spool_path")),
     Option("BatchLines", "count", SHIP_DEFAULTS.batch_lines, "most lines per request", "batch_lines", shipping=True,
            role_var=_role("batch_lines")),
@@ -369,7 +371,8 @@ def _to_spool_path(opt: Option, values: tuple[ConfigValue, ...], check_files: bo
     path = _string(opt, values, "a quoted string").strip()
     if not path or not (check_files or not os.path.isabs(path)):
         return path
-    what = "\"\" (no spool) or an absolute file path in a directory root can write (created 0700 if missing)"
+    what = ("\"\" (no spool) or an absolute file path in a directory only root can write (created 0700 if "
+            "missing)")
     if not os.path.isabs(path) or path.endswith("/") or os.path.isdir(path):
         raise Bad(what)
     parent = os.path.dirname(path)
@@ -377,6 +380,10 @@ def _to_spool_path(opt: Option, values: tuple[ConfigValue, ...], check_files: bo
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise Bad(what + f" ({parent} is not a writable directory)")
+    try:  # the spool's directory, or where it will be created: another user could plant or swap the file
+        privfile.check_directory(parent)
+    except privfile.PrivateFileError as err:
+        raise Bad(what + f" ({err.strerror}: another user could plant the spool)") from None
     return path
 
 

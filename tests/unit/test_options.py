@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,26 @@ def test_cross_option_mistakes(lines: list[tuple[Any, ...]], needles: list[str])
     text = "\n".join(problems(*lines))
     for needle in needles:
         assert needle in text, (needle, text)
+
+
+@pytest.mark.parametrize("where", ["world-writable", "foreign owner", "world-writable parent"])
+def test_a_spool_directory_other_users_can_write_is_refused(tmp_path: Path, where: str) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    if where == "foreign owner":
+        os.chown(shared, 4321, 4321)
+    else:
+        shared.chmod(0o1777)
+    path = shared / "ship.spool" if where != "world-writable parent" else shared / "kvmfleet" / "ship.spool"
+    found = problems(("InfluxURL", "http://x:8086"), ("Database", "kvm"), ("SpoolPath", str(path)))
+    assert len(found) == 1 and found[0].startswith(f'option SpoolPath "{path}": expected')
+    why = "belongs to uid 4321, not to this user or root" if where == "foreign owner" else \
+        "is world-writable (mode 1777)"
+    assert f"directory {shared} {why}: another user could plant the spool" in found[0]
+    shared.chmod(0o755)
+    os.chown(shared, 0, 0)
+    cfg = parse_config(entries(("InfluxURL", "http://x:8086"), ("Database", "kvm"), ("SpoolPath", str(path))))
+    assert cfg.ship is not None and cfg.ship.spool_path == str(path)
 
 
 def test_secret_files_are_checked_and_never_read_out(tmp_path: Path) -> None:
