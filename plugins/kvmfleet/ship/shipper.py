@@ -61,7 +61,8 @@ class Shipper:
     :param writer: a :class:`~kvmfleet.ship.writers.Writer` (``V1Writer`` or ``V2Writer``)
     :param buffer: the bounded buffer (default: :class:`LineBuffer` of 100,000 lines)
     :param spool_path: file for lines that wait (``None``: what is unsent at stop is lost, and logged)
-    :param batch_lines: most lines in one request, and most lines out of the buffer at once
+    :param batch_lines: most lines in one request; at most twice as many are out of the buffer at once (a batch
+        being sent and the halves of rejected ones being bisected)
     :param retry_min: first retry delay and floor of the backoff, seconds
     :param retry_max: ceiling of the backoff, seconds; delay n is uniform in
         ``[retry_min, min(retry_max, retry_min * 2**(n-1))]`` (full jitter above the floor), at least a server's
@@ -330,9 +331,12 @@ class Shipper:
             self._stop_evt.wait(self._backoff(attempt))
 
     def _take_fresh(self) -> bool:
-        """Take new lines from the buffer, up to ``batch_lines`` out of it in all; True if anything is pending."""
+        """Take new lines from the buffer: a batch of ``batch_lines`` next to the halves being bisected, while
+        these are at most ``batch_lines`` (so at most twice ``batch_lines`` are out of the buffer); True if
+        anything is pending."""
         with self._lock:
-            room = self.batch_lines - self._pending_lines
+            fresh = sum(len(c.lines) for c in self._pending if not c.suspect)
+            room = self.batch_lines - fresh if self._pending_lines - fresh <= self.batch_lines else 0
             if room > 0 and not self._abandoned:
                 seq, lines = self.buffer.take_seq(room)
                 if lines:

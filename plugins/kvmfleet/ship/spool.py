@@ -40,7 +40,7 @@ HEADER_V1 = b"# kvmfleet-spool v1"
 END_V1 = b"# end "
 MAX_RECORD_BYTES = 1 << 20  # a longer record is damage (a line of line protocol is a few kB)
 LINE_BYTES_ALLOWANCE = 8 << 10  # reading stops at max_lines of this size (see read_bytes_bound)
-WRITE_BLOCK_RECORDS = 4096
+WRITE_BLOCK_RECORDS = 512  # records encoded and written at once: bounded memory, few syscalls
 
 Chunk = tuple[int, Sequence[str]]  # (seq of the first line, lines with consecutive seqs)
 
