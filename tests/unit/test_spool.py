@@ -228,3 +228,14 @@ def test_any_truncation_yields_a_prefix(tmp_path: Path, lines: list[str], cut: i
         assert cut < len(HEADER)
         return
     assert got == lines[: len(got)]
+
+
+def test_a_rewrite_cut_by_a_crash_leaves_the_old_file_and_its_leftover_is_removed(tmp_path: Path) -> None:
+    spool = tmp_path / "ship.spool"
+    write_spool(spool, LINES)
+    leftover = tmp_path / ".ship.spool.tmp-123-456"  # a crash between writing the new file and the rename
+    leftover.write_bytes(HEADER + line_record(0, "half x=1i 1")[:10])
+    other = tmp_path / ".other.tmp-1"
+    other.write_bytes(b"not ours to remove")
+    assert Journal(str(spool), 100, NoSource()).load() == LINES
+    assert not leftover.exists() and other.exists()

@@ -32,11 +32,24 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from .. import privfile
-from .spool import Chunk, NotASpool, SpoolFile, ack_record, encode_chunks, move_aside, read_spool
+from .spool import (
+    Chunk,
+    NotASpool,
+    SpoolFile,
+    ack_record,
+    encode_chunks,
+    move_aside,
+    read_spool,
+    remove_stale_temp_files,
+)
 
 log = logging.getLogger("kvmfleet.ship.journal")
 
 COMPACT_MIN_BYTES = 1 << 20  # dead bytes worth a rewrite (and more than the live ones)
+EVERY = 1.0  # seconds between two looks
+SYNC_EVERY = 5.0  # fsync at most this often while the file changes
+KILL_BOUND = 2 * EVERY  # a line undelivered this long after it was submitted survives kill -9
+POWER_CUT_BOUND = KILL_BOUND + SYNC_EVERY  # ... and a power cut
 
 
 class Unsent(Protocol):
@@ -52,8 +65,8 @@ class Unsent(Protocol):
 class Journal:
     """Keeps the spool at ``path`` up to date for one shipper (see the module doc)."""
 
-    def __init__(self, path: str, capacity: int, source: Unsent, every: float = 1.0, sync_every: float = 5.0,
-                 name: str = "kvmfleet-spool") -> None:
+    def __init__(self, path: str, capacity: int, source: Unsent, every: float = EVERY,
+                 sync_every: float = SYNC_EVERY, name: str = "kvmfleet-spool") -> None:
         self.path = os.path.abspath(path)
         self.capacity = capacity
         self.every = float(every)
@@ -86,6 +99,7 @@ class Journal:
         except privfile.PrivateFileError as err:
             self._disable(str(err.strerror))
             return []
+        remove_stale_temp_files(self.path)
         try:
             found = read_spool(self.path, self.capacity)
         except FileNotFoundError:

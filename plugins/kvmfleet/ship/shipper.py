@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .buffer import LineBuffer
-from .journal import Journal
+from .journal import EVERY as JOURNAL_EVERY
+from .journal import SYNC_EVERY, Journal
 from .spool import Chunk
 from .writers import ConfigWriteError, PermanentWriteError, WriteError, Writer
 
@@ -86,8 +87,8 @@ class Shipper:
         linger: float = 0.2,
         split_budget: int = 64,
         log_every: float = 60.0,
-        journal_every: float = 1.0,
-        sync_every: float = 5.0,
+        journal_every: float = JOURNAL_EVERY,
+        sync_every: float = SYNC_EVERY,
         name: str = "kvmfleet-ship",
     ) -> None:
         if batch_lines < 1:

@@ -23,6 +23,7 @@ import errno
 import json
 import logging
 import os
+import stat
 import time
 import zlib
 from collections import deque
@@ -263,6 +264,25 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def temp_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}.tmp-"
+
+
+def remove_stale_temp_files(path: str) -> None:
+    """Remove what a crash in the middle of a rewrite left next to the spool (``.<name>.tmp-*``, ours only)."""
+    directory, prefix = os.path.dirname(path), temp_prefix(path)
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(prefix)]
+    except OSError:
+        return
+    for name in names:
+        full = os.path.join(directory, name)
+        with contextlib.suppress(OSError):
+            st = os.lstat(full)
+            if stat.S_ISREG(st.st_mode) and st.st_uid in privfile.TRUSTED_OWNERS:
+                os.unlink(full)
+
+
 class SpoolFile:
     """The spool file while a shipper runs: atomic rewrites, appends, fsync, removal.
 
@@ -286,7 +306,7 @@ class SpoolFile:
         """Replace the spool by these lines (and an end record if ``clean``); returns the lines written."""
         self.close()
         ensure_dir(self.directory)
-        tmp = os.path.join(self.directory, f".{os.path.basename(self.path)}.tmp-{os.getpid()}-{time.monotonic_ns()}")
+        tmp = os.path.join(self.directory, f"{temp_prefix(self.path)}{os.getpid()}-{time.monotonic_ns()}")
         fd = privfile.open_private(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         written = 0
         try:
