@@ -52,9 +52,9 @@ class Agent:
     """The sampler: one :class:`Collector` sample per :meth:`read`, lines to the shipper, values to the sink.
 
     Life cycle (collectd's callbacks): ``Agent(cfg, writer)`` after :func:`parse_config` and
-    :func:`build_writer` (config), :meth:`start` (init: opens the source, loads the spool, starts the one sender
-    thread), :meth:`read` (read: no network I/O, never waits on the sender), :meth:`stop` (shutdown: flush
-    within ``Timeout`` seconds, spool the rest, join the thread).
+    :func:`build_writer` (config), :meth:`start` (init: opens the source, reads the spool, starts the sender
+    thread and the spool's journal thread), :meth:`read` (read: no network or disk I/O, never waits on either
+    thread), :meth:`stop` (shutdown: flush within ``Timeout`` seconds, spool the rest, join the threads).
     """
 
     def __init__(self, config: AgentConfig, writer: Writer | None = None,

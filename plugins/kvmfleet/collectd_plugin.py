@@ -6,10 +6,10 @@ Only callbacks live here; the work is in :mod:`kvmfleet.options` and :mod:`kvmfl
 * config: the ``<Module>`` block -> :func:`~kvmfleet.options.parse_config` and the writer (secret files read now).
   Each mistake is logged as one error line naming the option, its value and what was expected; the plugin then
   stays inactive (no read callback, no thread, nothing written) while collectd goes on with its other plugins.
-* init: learn collectd's ``Hostname``, open the source, load the spool, start the one sender thread, register
-  the read callback.
+* init: learn collectd's ``Hostname``, open the source, read the spool, start the sender thread and the spool's
+  journal thread (it keeps the lines that wait on disk: :mod:`kvmfleet.ship.journal`), register the read callback.
 * read: :meth:`~kvmfleet.agent.Agent.read` (one sample; no network I/O; lines go to a bounded buffer).
-* shutdown: flush for up to ``Timeout`` seconds, spool what is left (mode 0600), join the sender thread.
+* shutdown: flush for up to ``Timeout`` seconds, spool what is left (mode 0600), join the threads.
 
 Log lines of the ``kvmfleet`` loggers go to collectd's log, prefixed ``kvmfleet:``.
 """
@@ -196,7 +196,7 @@ def read(data: Any = None) -> None:
 
 
 def shutdown() -> None:
-    """collectd shutdown callback: flush within Timeout seconds, spool the rest, join the sender thread."""
+    """collectd shutdown callback: flush within Timeout seconds, spool the rest, join the threads."""
     agent = STATE.agent
     if agent is None:
         return

@@ -74,12 +74,13 @@ FACT_FIELDS: tuple[Field, ...] = (
 
 AGENT_FIELDS: tuple[Field, ...] = (
     Field("sent", "integer", "lines acknowledged by the server since collectd started (cumulative)"),
-    Field("buffered", "integer", "lines waiting (buffer + in flight)"),
+    Field("buffered", "integer", "lines waiting (buffer + in flight or being bisected)"),
     Field("dropped", "integer", "lines dropped because the buffer was full (oldest first; cumulative)"),
-    Field("dropped_rejected", "integer", "lines the server refused as malformed (HTTP 400/413/422; cumulative)"),
+    Field("dropped_rejected", "integer", "lines the server refused alone (HTTP 400/422, after bisecting their "
+          "batch; cumulative)"),
     Field("retries", "integer", "failed send attempts that will be retried (cumulative)"),
     Field("last_error", "string", "the last send error (never holds a secret), `\"\"` if none yet"),
-    Field("spool_loaded", "integer", "lines loaded from the spool at start"),
+    Field("spool_loaded", "integer", "lines loaded from the spool at start (after a crash: what it kept)"),
     Field("sample_duration_s", "float", "seconds `Collector.sample()` took (reading every stats fd, sums, totals)"),
     Field("read_duration_s", "float", "seconds of this read callback up to this point (sample, encoding, dispatch)"),
     Field("read_cpu_s", "float", "the same in CPU seconds of collectd's read thread"),

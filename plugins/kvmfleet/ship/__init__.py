@@ -1,12 +1,14 @@
 """Durable shipping of InfluxDB line protocol: encoder, bounded buffer, spool, writers, shipper.
 
-Typical use (collectd's init callback builds and starts it, the read callback submits, shutdown stops)::
+What waits for the server is kept in the spool file within seconds (:mod:`kvmfleet.ship.journal` says exactly what
+a ``kill -9`` or a power cut can lose). Typical use (collectd's init callback builds and starts it, the read
+callback submits, shutdown stops)::
 
     from kvmfleet.ship import make_shipper
     shipper = make_shipper({"api": "v1", "url": "https://influx:8086", "database": "kvm",
                             "username": "kvm", "password_file": "/etc/kvmfleet/influx.pass"})
     shipper.start()
-    shipper.submit(lines)          # never blocks on the network
+    shipper.submit(lines)          # never blocks on the network or the disk
     shipper.stop(timeout=10)       # flush, then spool the rest
 
 Config keys (:class:`ShipConfig`): ``api`` ("v1" | "v2"), ``url``, ``database``, ``retention_policy``,
