@@ -4,7 +4,8 @@ A shipper's lines are numbered as they are submitted (:class:`~kvmfleet.ship.buf
 second, the journal's own thread looks at the oldest line not yet delivered: if it was already there at the
 previous look (the server is down, slow, or refusing), every undelivered line not yet in the spool is appended
 to it, in one write; as lines are delivered, a short ``A`` record says so. A healthy server delivers lines within
-a fraction of a second, so then nothing is written at all.
+a fraction of a second, so then nothing is written at all; once nothing has waited for ``sync_every`` seconds
+the file is removed.
 
 The bound (what a crash can lose): a line still undelivered two seconds (``2 * every``) after it was submitted
 is in the spool file, in the page cache: it survives ``kill -9`` of collectd. The file is fsynced at most every
@@ -84,6 +85,7 @@ class Journal:
         self._foreign = False  # the file holds the previous run's numbers: rewrite before appending
         self._has_file = False
         self._dirty_since: float | None = None  # written, not yet fsynced, since
+        self._idle_since: float | None = None  # nothing waiting since
         self._appends: deque[tuple[int, int]] = deque()  # (next line number after it, file size after it)
         self._say: dict[str, float] = {}
         self.counts = self.no_stats()
@@ -199,8 +201,10 @@ class Journal:
         """One look (see the module doc): journal the lines that waited a whole tick, ack, compact, fsync."""
         lo, hi = self._source.unsent_bounds()
         waited, self._mark = lo < self._mark, hi
-        if self._has_file and lo >= self._next:
-            self._remove()
+        idle = lo >= self._next and not waited  # nothing in the file is waiting, nothing new waits
+        self._idle_since = (self._idle_since or now) if idle else None
+        if self._has_file and idle and now - (self._idle_since or now) >= self.sync_every:
+            self._remove()  # after a while: a server slower than a tick would make it come and go
         self._next = max(self._next, lo)
         if waited and hi > self._next:
             self._journal()
