@@ -275,3 +275,15 @@ def test_a_server_slower_than_a_tick_does_not_make_the_file_come_and_go(tmp_path
         time.sleep(TICK / 2)
     assert not (tmp_path / "s").exists()
     assert sh.stop(1)["sent"] == 20
+
+
+def test_a_shipper_stopped_before_it_started_keeps_the_previous_spool(tmp_path: Path) -> None:
+    spool = tmp_path / "s"
+    write_spool(spool, ["old v=1i 1"])
+    sh = journaled_shipper(ServerStub("down"), spool)
+    sh.submit(["new v=2i 2"])
+    assert sh.stop(1)["spooled"] == 1
+    assert load_spool(spool) == ["old v=1i 1", "new v=2i 2"]
+    empty = journaled_shipper(ServerStub("down"), spool)
+    empty.stop(1)
+    assert load_spool(spool) == ["old v=1i 1", "new v=2i 2"]

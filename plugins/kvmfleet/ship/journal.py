@@ -79,10 +79,11 @@ class Journal:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._enabled = True
+        self._loaded = False  # load() was called: the file at path is this journal's to rewrite or remove
         self._next = 0  # every undelivered line numbered below this is in the spool file
         self._mark = 0  # the next line's number at the previous tick
         self._acked = 0  # the last ack written
-        self._foreign = False  # the file holds the previous run's numbers: rewrite before appending
+        self._rewrite_first = False  # the file holds the previous run's numbers, or an append failed
         self._has_file = False
         self._dirty_since: float | None = None  # written, not yet fsynced, since
         self._idle_since: float | None = None  # nothing waiting since
@@ -93,6 +94,7 @@ class Journal:
     # ------------------------------------------------------------------ start, stop
     def load(self) -> list[str]:
         """The previous run's undelivered lines (they become this run's first lines); never raises."""
+        self._loaded = True
         directory = os.path.dirname(self.path)
         if not os.path.lexists(directory):
             return []  # created 0700 with the first write
@@ -112,7 +114,7 @@ class Journal:
             return self._set_aside("is not a kvmfleet spool")
         except OSError as err:
             return self._set_aside(f"cannot be read ({err.strerror or err})")
-        self._has_file = self._foreign = True
+        self._has_file = self._rewrite_first = True
         self._next = self._mark = len(found.lines)
         self.counts["spool_damaged"] = found.damaged + int(found.torn)
         how = "" if found.clean else " (the previous run did not stop cleanly)"
@@ -150,16 +152,19 @@ class Journal:
 
     def finish(self, chunks: Sequence[Chunk], timeout: float) -> int:
         """At stop: write every undelivered line (the newest ``capacity``) as a clean spool, or remove it;
-        returns the lines written. Waits up to ``timeout`` for a journal write under way."""
+        returns how many of ``chunks``' lines were written. Waits up to ``timeout`` for a journal write under
+        way. A spool never loaded (stopped before it started) keeps its lines, ahead of these."""
+        earlier = [] if self._loaded else self.load()
         if not self._enabled or not self._io.acquire(timeout=max(0.0, timeout)):
             return 0
         try:
-            total = sum(len(lines) for _, lines in chunks)
-            if not total:
-                if self._has_file or os.path.lexists(self.path):
+            ours = [text for _, part in _newest(chunks, self.capacity) for text in part]
+            lines = (earlier + ours)[-self.capacity:]
+            if not lines:
+                if self._has_file:
                     self._file.remove()
                 return 0
-            return self._file.rewrite(_newest(chunks, self.capacity), clean=True)
+            return min(len(ours), self._file.rewrite([(0, lines)], clean=True))
         finally:
             self._file.close()
             self._io.release()
@@ -190,7 +195,7 @@ class Journal:
     def _failed(self, err: OSError) -> None:
         self.counts["spool_errors"] += 1
         self._file.close()
-        self._foreign = True  # rewrite it whole next time: an append may have been cut short
+        self._rewrite_first = True  # an append may have been cut short: rewrite the file whole next time
         key = f"{type(err).__name__}:{err.errno}"
         now = time.monotonic()
         if now - self._say.get(key, -1e9) >= 60:
@@ -217,7 +222,7 @@ class Journal:
 
     def _journal(self) -> None:
         lo, hi, chunks = self._source.unsent_since(self._next)
-        if self._foreign or not self._file.is_open or self._dead_bytes(lo) * 2 > max(self._file.size,
+        if self._rewrite_first or not self._file.is_open or self._dead_bytes(lo) * 2 > max(self._file.size,
                                                                                     2 * COMPACT_MIN_BYTES):
             self._rewrite()
             return
@@ -230,7 +235,7 @@ class Journal:
         written = self._file.rewrite(_newest(chunks, self.capacity))
         self.counts["journaled"] += written
         self.counts["spool_rewrites"] += 1
-        self._foreign, self._has_file = False, True
+        self._rewrite_first, self._has_file = False, True
         self._next, self._acked = hi, lo
         self._appends = deque([(hi, self._file.size)])
         self._dirty_since = None  # rewrite fsyncs
@@ -256,7 +261,7 @@ class Journal:
 
     def _remove(self) -> None:
         self._file.remove()
-        self._has_file = self._foreign = False
+        self._has_file = self._rewrite_first = False
         self._appends.clear()
         self._dirty_since = None
 

@@ -118,7 +118,9 @@ class Shipper:
         self._pending: list[_Chunk] = []  # out of the buffer, not delivered; by sequence number
         self._pending_lines = 0
         self._rng = random.Random()
+        self._init_counters()
 
+    def _init_counters(self) -> None:
         self._sent = 0
         self._batches = 0
         self._rejected = 0
