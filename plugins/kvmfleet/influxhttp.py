@@ -211,6 +211,7 @@ def watchdog(seconds: float, abort: Callable[[], None]) -> Iterator[threading.Ev
         yield expired
     finally:
         timer.cancel()
+        timer.join()  # at once once cancelled: no thread outlives the exchange
 
 
 @dataclass

@@ -7,6 +7,7 @@ import random
 import threading
 import time
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,23 +26,35 @@ pytestmark = pytest.mark.server
 PLUGINS = Path(kvmfleet.__file__).parent
 
 
+@pytest.fixture(autouse=True)
+def no_thread_left() -> Iterator[None]:
+    """The fault server's handler threads (daemons, not joined by its stop) end before the next test counts
+    threads."""
+    before = threading.active_count()
+    yield
+    deadline = time.monotonic() + 10
+    while threading.active_count() > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def v2(url: str, tmp_path: Path, timeout: float) -> V2Writer:
     return V2Writer(url, org="o", bucket="kvm", token_file=secret_file(tmp_path, "token", "tok"), timeout=timeout)
 
 
-def writers(url: str, tmp_path: Path, timeout: float = 5.0) -> list[V1Writer | V2Writer]:
-    return [V1Writer(url, "kvm", timeout=timeout), v2(url, tmp_path, timeout)]
+def writer(api: str, url: str, tmp_path: Path, timeout: float = 5.0) -> V1Writer | V2Writer:
+    return V1Writer(url, "kvm", timeout=timeout) if api == "v1" else v2(url, tmp_path, timeout)
 
 
 @pytest.mark.parametrize("api", ["v1", "v2"])
 def test_a_server_answering_a_byte_a_second_is_cut_off_at_the_deadline(api: str, tmp_path: Path) -> None:
     """Each byte comes within the per-read timeout: only the deadline of the whole write ends it."""
     with FaultServer(["trickle"]) as server:
-        writer = writers(server.url, tmp_path, timeout=1.5)[api == "v2"]
+        w = writer(api, server.url, tmp_path, timeout=1.5)
         t0 = time.monotonic()
         with pytest.raises(RetryableWriteError, match=r"within 1\.5s") as exc:
-            writer.write(["m x=1i 1"])
+            w.write(["m x=1i 1"])
         took = time.monotonic() - t0
+        w.close()
     assert 1.4 < took < 2.5, took
     assert exc.value.retryable
 
@@ -59,13 +72,14 @@ def test_v2_abort_ends_a_write_stuck_in_a_blackhole(tmp_path: Path) -> None:
 @pytest.mark.parametrize("api", ["v1", "v2"])
 def test_a_200_with_a_body_is_not_a_delivery(api: str, tmp_path: Path) -> None:
     with FaultServer(["garbage"]) as server:
-        writer = writers(server.url, tmp_path)[api == "v2"]
+        w = writer(api, server.url, tmp_path)
         with pytest.raises(RetryableWriteError, match=r"HTTP 200 with a body of \d+ bytes, not a write's answer"):
-            writer.write(["m x=1i 1"])
+            w.write(["m x=1i 1"])
         assert server.stored == []
         server.fault = "ok"
-        writer.write(["m x=1i 1"])
+        w.write(["m x=1i 1"])
         assert server.stored == ["m x=1i 1"]
+        w.close()
 
 
 @pytest.mark.parametrize("api", ["v1", "v2"])
@@ -75,9 +89,10 @@ def test_each_fault_is_a_retry_or_a_rejection(api: str, tmp_path: Path) -> None:
                 "redirect": ConfigWriteError}
     for fault, error in expected.items():
         with FaultServer([fault], huge_bytes=4 << 20) as server:
-            writer = writers(server.url, tmp_path)[api == "v2"]
+            w = writer(api, server.url, tmp_path)
             with pytest.raises(error) as exc:
-                writer.write(["a x=1i 1", "bBAD x=2i 2"])
+                w.write(["a x=1i 1", "bBAD x=2i 2"])
+            w.close()
             assert type(exc.value) is error, (fault, exc.value)
             if fault == "429":
                 assert exc.value.retry_after == 1.0
@@ -109,11 +124,11 @@ class CountingFaultServer(FaultServer):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.rejected_with: set[int] = set()  # bad lines in each write answered 400
+        self.rejected_with: set[int] = set()  # bad lines in each write rejected (400, or 413: split too)
 
     def answer_write(self, lines: list[str], fault: str) -> tuple[int, dict[str, str], bytes]:
         answer = super().answer_write(lines, fault)
-        if answer[0] == 400:
+        if answer[0] in (400, 413):
             self.rejected_with.add(sum(BAD_MARK in t for t in lines))
         return answer
 
@@ -149,7 +164,7 @@ def test_adversarial_server_loses_no_acceptable_line_and_reads_never_wait(api: s
     assert cfg.ship is not None
     tracemalloc.start()
     with CountingFaultServer(FAULT_CYCLE, huge_bytes=2 << 20) as server:
-        agent = Agent(cfg, writers(server.url, tmp_path, timeout=0.2)[api == "v2"])
+        agent = Agent(cfg, writer(api, server.url, tmp_path, timeout=0.2))
         source = ListSource(good_vms)
         agent.start("hv1", source=source)
         assert agent.shipper is not None

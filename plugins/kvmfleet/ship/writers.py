@@ -352,6 +352,7 @@ class V2Writer:
             self._client.close()  # type: ignore[no-untyped-call]
         except Exception:  # pragma: no cover - closing is best effort
             pass
+        self._watch.shutdown()  # the client leaves its kept-alive connection open
 
     def write(self, body_lines: list[str]) -> None:
         """Send the lines; a :class:`WriteError` unless the server answered 204 (or a 2xx without a body) within
@@ -367,7 +368,8 @@ class V2Writer:
                     raise RetryableWriteError(f"{self.name}: timed out: no complete answer within {self.timeout:g}s"
                                               ) from None
                 raise
-        odd = unexpected_success(self.name, self._watch.status or 0, self._watch.length)
+        status = self._watch.status  # None: urllib3 did not show the answer; the client's verdict stands
+        odd = unexpected_success(self.name, status, self._watch.length) if status is not None else None
         if odd is not None:
             raise odd
 
