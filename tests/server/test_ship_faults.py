@@ -204,5 +204,5 @@ def test_adversarial_server_loses_no_acceptable_line_and_reads_never_wait(api: s
         assert allocated <= buffered * per_line + (4 << 20), (buffered, allocated)
     # cadence: a read never waited for the server (timeout 0.2 s) or the disk
     durations.sort()
-    assert durations[-1] < 0.1 and durations[len(durations) // 2] < 0.02, durations[-5:]
+    assert durations[-1] < 0.15 and durations[len(durations) // 2] < 0.02, durations[-5:]
     assert time.monotonic() - start < FAULT_SECONDS + 60
