@@ -11,10 +11,10 @@ The bound (what a crash can lose): a line still undelivered two seconds (``2 * e
 is in the spool file, in the page cache: it survives ``kill -9`` of collectd. The file is fsynced at most every
 five seconds (``sync_every``) while it changes: a line undelivered seven seconds after it was submitted survives
 a power cut as well. Disk writes stay bounded: each line is appended once, acks are a few bytes, one fsync per
-five seconds at most, and the file is rewritten with only the undelivered lines when most of it is dead (or
-removed when all of it is), so each line is written at most about twice and the file holds at most about twice
-the undelivered lines. The read callback never waits on any of it: the journal copies the lines it needs under
-the shipper's lock (no I/O there) and writes outside it.
+five seconds at most, and the file is rewritten with only the undelivered lines when most of it (and over a
+MiB) is dead, or removed when all of it is, so each line is written at most about twice and the file holds at
+most about twice the undelivered lines. The read callback never waits on any of it: the journal copies the
+lines it needs under the shipper's lock (no I/O there) and writes outside it.
 
 At start the previous run's spool is read (:func:`~kvmfleet.ship.spool.read_spool`) and left in place: its lines
 are numbered anew as the first ones of this run and the file is rewritten, atomically, before anything is

@@ -10,7 +10,7 @@ by a crash or damaged on disk is recognised and skipped while every whole record
 
 While the server fails, :class:`~kvmfleet.ship.journal.Journal` appends the lines that wait and, as they are
 delivered, ``A`` records; it rewrites the file with only the undelivered lines when most of it is dead, and
-removes it when nothing in it is undelivered. A file another user could have planted or changed is never read
+removes it once nothing in it is undelivered. A file another user could have planted or changed is never read
 (:mod:`kvmfleet.privfile`: no link followed, owner and type checked on the fd, a directory no other user can
 write to), and reading is bounded: the newest ``max_lines`` lines of the last ``max_bytes`` bytes.
 Version 1 files (written at shutdown by earlier releases: a header, JSON strings, ``# end N``) are read too.
