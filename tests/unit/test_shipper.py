@@ -287,3 +287,20 @@ def test_a_shipper_stopped_before_it_started_keeps_the_previous_spool(tmp_path: 
     empty = journaled_shipper(ServerStub("down"), spool)
     empty.stop(1)
     assert load_spool(spool) == ["old v=1i 1", "new v=2i 2"]
+
+
+def test_lines_submitted_before_the_start_and_the_loaded_spool_are_both_kept(tmp_path: Path) -> None:
+    spool = tmp_path / "s"
+    write_spool(spool, ["old v=1i 1", "old v=2i 2"])
+    server = ServerStub("down")
+    sh = journaled_shipper(server, spool)
+    sh.submit(["early v=3i 3"])
+    sh.start()
+    time.sleep(6 * TICK)
+    assert sorted(load_spool(spool)) == ["early v=3i 3", "old v=1i 1", "old v=2i 2"]
+    server.mode = "partial"
+    assert sh.wait_idle(5)
+    deadline = time.monotonic() + 3
+    while spool.exists() and time.monotonic() < deadline:
+        time.sleep(TICK / 2)
+    assert not spool.exists() and sh.stop(1)["sent"] == 3

@@ -115,7 +115,7 @@ class Journal:
         except OSError as err:
             return self._set_aside(f"cannot be read ({err.strerror or err})")
         self._has_file = self._rewrite_first = True
-        self._next = self._mark = len(found.lines)
+        self._next = self._mark = len(found.lines)  # numbered from 0 (see numbered_from)
         self.counts["spool_damaged"] = found.damaged + int(found.torn)
         how = "" if found.clean else " (the previous run did not stop cleanly)"
         log.info("spool: loaded %d lines from %s%s", len(found.lines), self.path, how)
@@ -124,6 +124,11 @@ class Journal:
             level = logging.ERROR if found.damaged or found.over or found.skipped_bytes else logging.WARNING
             log.log(level, "spool: %s: %s", self.path, "; ".join(problems))
         return found.lines
+
+    def numbered_from(self, first: int) -> None:
+        """The loaded lines got the numbers from ``first`` on (lines were submitted before the start)."""
+        if self._has_file:
+            self._next = self._mark = self._next + first
 
     def _set_aside(self, why: str) -> list[str]:
         try:
@@ -211,7 +216,7 @@ class Journal:
         if self._has_file and idle and now - (self._idle_since or now) >= self.sync_every:
             self._remove()  # after a while: a server slower than a tick would make it come and go
         self._next = max(self._next, lo)
-        if waited and hi > self._next:
+        if waited and (hi > self._next or self._rewrite_first):
             self._journal()
         elif self._file.is_open and lo > self._acked:
             self._append(ack_record(lo), lo)

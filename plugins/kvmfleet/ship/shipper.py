@@ -146,6 +146,7 @@ class Shipper:
             raise RuntimeError("Shipper.start() may be called once")
         if self.journal is not None:
             lines = self.journal.load()
+            self.journal.numbered_from(self.buffer.next_seq)
             if lines:
                 self.buffer.extend(lines)
                 self._spool_loaded = len(lines)
