@@ -8,6 +8,9 @@ from typing import Any
 
 from .collector import Rates, Sample, VMSample
 from .model import Stats, Usability, Value
+from .textsafe import terminal_safe
+
+NAME_CHARS = 200  # a VM name longer than this is cut in text output (a guest owner chooses it)
 
 
 def _filtered(stats: Stats, pattern: re.Pattern[str] | None) -> Stats:
@@ -70,19 +73,21 @@ def _table(title: str, stats: Stats, rates: dict[str, float] | None, pattern: re
     for name, value in _filtered(stats, pattern).items():
         shown = " ".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
         rate = "" if rates is None or name not in rates else f"{rates[name]:>12.0f}"
-        lines.append(f" {name:<32} {shown:>16} {rate}".rstrip())
+        lines.append(f" {terminal_safe(name):<32} {shown:>16} {rate}".rstrip())
     return lines
 
 
 def _vm_title(vm: VMSample) -> str:
-    uuid = f" uuid {vm.identity.uuid}" if vm.identity.uuid else ""
-    return (f"VM {vm.identity.name} ({vm.identity.vmm}, pid {vm.identity.key.pid}{uuid}, "
-            f"source {vm.source}, {len(vm.vcpus)} vCPUs seen)")
+    """Name, VMM kind and UUID come from the VMM's command line and comm: escaped for the terminal."""
+    ident = vm.identity
+    uuid = f" uuid {terminal_safe(ident.uuid, NAME_CHARS)}" if ident.uuid else ""
+    return (f"VM {terminal_safe(ident.name, NAME_CHARS)} ({terminal_safe(ident.vmm, NAME_CHARS)}, "
+            f"pid {ident.key.pid}{uuid}, source {vm.source}, {len(vm.vcpus)} vCPUs seen)")
 
 
 def sample_text(sample: Sample, rates: Rates | None, sources: dict[str, Usability], *, per_vm: bool,
                 vcpus: bool, pattern: re.Pattern[str] | None) -> str:
-    unusable = [f"{name}: {state.reason}" for name, state in sources.items() if not state]
+    unusable = [f"{name}: {terminal_safe(state.reason)}" for name, state in sources.items() if not state]
     header = (f"kvm statistics: host totals, source {sample.source}, {len(sample.vms)} VMs, {sample.vcpu_count} vCPUs"
               + ("" if rates is None else f", rates over {rates.interval_s:.1f} s"))
     lines = [header, *(f"  (unusable: {why})" for why in unusable), ""]
