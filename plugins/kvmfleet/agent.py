@@ -77,7 +77,8 @@ class Agent:
         self.builder = PointBuilder(cfg, hostname)
         self.sink = sink if cfg.dispatch else None
         self.collector = Collector(source if source is not None else make_source(cfg.source, say=self.say,
-                                                                                   libvirt_uri=cfg.libvirt_uri))
+                                                                                   libvirt_uri=cfg.libvirt_uri),
+                                   say=self.say)
         if cfg.ship is not None:
             writer = self.writer if self.writer is not None else make_writer(cfg.ship)
             self.writer = writer

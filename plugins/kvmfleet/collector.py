@@ -14,6 +14,10 @@ fd was dropped, counts as its previous value); instant values (``pages_4k``, ``g
 the sum over live VMs; peak values the maximum ever seen.
 
 A VM is one series per :class:`VMKey` (pid, process start time, VM fd): a restarted VM is new.
+
+A VM's reading with values no VMM could produce (:mod:`kvmfleet.plausible`), or that cannot be read at
+all, is refused: the VM is left out of that sample (``Sample.refused`` names it) and the host totals
+keep its last accepted values, neither growing nor dropping; the other VMs are counted as usual.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .logsay import SayOnce
 from .model import StatDesc, Stats, StatType, Value, VMIdentity, VMKey, VMReading
+from .plausible import PlausibilityGate
 from .sources.base import Source
 from .statblock import MergedStats, StatBlock, add_values, combine, scalar_items, sum_blocks
 
@@ -48,6 +54,7 @@ class Sample:
     vms: list[VMSample]
     duration_s: float = 0.0
     retired_vms: int = 0  # VMs that vanished since the previous sample
+    refused: list[VMIdentity] = field(default_factory=list)  # VMs read but left out: implausible or unreadable
 
     @property
     def vcpu_count(self) -> int:
@@ -118,8 +125,10 @@ class HostTotals:
                 if desc is None or desc.type.is_cumulative:
                     self._retired[name] = add_values(self._retired.get(name), value)
 
-    def update(self, vms: list[VMSample]) -> tuple[Stats, int]:
-        """(host totals, number of VMs retired by this update)."""
+    def update(self, vms: list[VMSample], held: Iterable[VMKey] = ()) -> tuple[Stats, int]:
+        """(host totals, number of VMs retired by this update). ``held``: VMs alive but refused this time,
+        counted with their last accepted sample (a VM refused before it was ever accepted counts nothing)."""
+        vms = vms + [self._last[key] for key in held if key in self._last]
         gone = self._track(vms)
         groups = self._groups(vms)
         scalars = self._scalars(groups)
@@ -200,18 +209,35 @@ class Collector:
     """Reads a source and produces :class:`Sample` objects; one per call of :meth:`sample`."""
 
     def __init__(self, source: Source, wall_clock: Callable[[], int] = time.time_ns,
-                 mono_clock: Callable[[], float] = time.monotonic) -> None:
+                 mono_clock: Callable[[], float] = time.monotonic, say: SayOnce | None = None) -> None:
         self.source = source
         self._totals = HostTotals()
+        self.gate = PlausibilityGate(say)
         self._wall = wall_clock
         self._mono = mono_clock
 
     def sample(self) -> Sample:
         time_ns, start = self._wall(), self._mono()
-        vms = [vm_sample(reading) for reading in self.source.read()]
-        host, retired = self._totals.update(vms)
+        vms, refused = self._admit(self.source.read(), start)
+        host, retired = self._totals.update(vms, [ident.key for ident in refused])
         return Sample(time_ns, start, self.source.name, host, dict(self._totals.descs), vms,
-                      self._mono() - start, retired)
+                      self._mono() - start, retired, refused)
+
+    def _admit(self, readings: list[VMReading], now: float) -> tuple[list[VMSample], list[VMIdentity]]:
+        """(the readings that pass the plausibility gate, as VM samples; the VMs refused). An error with one VM's
+        values is that VM's alone: it is refused, the others are counted."""
+        vms, refused = [], []
+        for reading in readings:
+            try:
+                vm = vm_sample(reading)
+                if self.gate.check(reading, now):
+                    vms.append(vm)
+                    continue
+            except Exception as err:
+                self.gate.unreadable(reading.identity, err)
+            refused.append(reading.identity)
+        self.gate.forget_except({reading.identity.key for reading in readings})
+        return vms, refused
 
     def close(self) -> None:
         self.source.close()

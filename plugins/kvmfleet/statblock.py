@@ -29,6 +29,7 @@ class Shape:
         self.nwords = max((index + desc.size for desc, index in placed), default=0)
         scalars = [(desc, index) for desc, index in placed if not desc.type.is_histogram]
         self.scalar_names = tuple(desc.name for desc, _ in scalars)
+        self.scalar_words = tuple(index for _, index in scalars)  # where each scalar is in the data block
         self.scalar_index = {name: i for i, name in enumerate(self.scalar_names)}
         self.peaks = tuple(i for i, (desc, _) in enumerate(scalars) if desc.type is StatType.PEAK)
         # one struct call unpacks the scalars and skips histogram buckets (and unknown stats) as padding
@@ -72,6 +73,12 @@ class StatBlock(Mapping[str, Value]):
     def from_data(cls, shape: Shape, data: bytes) -> StatBlock:
         """Values from a data block as pread from a stats fd (at least ``shape.nwords`` words)."""
         return cls(shape, None, data)
+
+    @property
+    def data(self) -> bytes | None:
+        """The data block as read from the fd (None for a sum of blocks)."""
+        source = self._hist_from
+        return source if isinstance(source, bytes) else None
 
     @property
     def scalars(self) -> Words:

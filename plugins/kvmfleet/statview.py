@@ -65,6 +65,7 @@ def sample_json(sample: Sample, rates: Rates | None, sources: dict[str, Usabilit
         "host": _json_stats(sample.host, pattern),
         "rates": _json_rates(rates.host, pattern) if rates else {},
         "vms": vms,
+        "refused": [{"name": ident.name, "pid": ident.key.pid, "vm_fd": ident.key.vm_fd} for ident in sample.refused],
     }
 
 
@@ -90,7 +91,9 @@ def sample_text(sample: Sample, rates: Rates | None, sources: dict[str, Usabilit
     unusable = [f"{name}: {terminal_safe(state.reason)}" for name, state in sources.items() if not state]
     header = (f"kvm statistics: host totals, source {sample.source}, {len(sample.vms)} VMs, {sample.vcpu_count} vCPUs"
               + ("" if rates is None else f", rates over {rates.interval_s:.1f} s"))
-    lines = [header, *(f"  (unusable: {why})" for why in unusable), ""]
+    refused = [f"  (refused: VM {terminal_safe(ident.name, NAME_CHARS)}, pid {ident.key.pid}: implausible or "
+               "unreadable values, left out; the log says why)" for ident in sample.refused]
+    lines = [header, *(f"  (unusable: {why})" for why in unusable), *refused, ""]
     lines.append(f" {'counter':<32} {'total':>16} {'' if rates is None else 'per second':>12}".rstrip())
     lines += _table("", sample.host, rates.host if rates else None, pattern)[1:]
     for vm in sample.vms if per_vm or vcpus else []:

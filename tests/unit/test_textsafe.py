@@ -49,3 +49,12 @@ def test_stat_text_shows_hostile_names_escaped_and_json_stays_json():
     obj = sample_json(sample, None, sources, vcpus=True, pattern=None)
     printed = json.dumps(obj)
     assert "\x1b" not in printed and json.loads(printed)["vms"][0]["name"] == HOSTILE + "A" * 65536
+
+
+def test_stat_names_refused_vms_escaped():
+    sample = sample_of(reading(8, "honest"))
+    sample.refused = [reading(9, "evil\x1b[2K").identity]
+    text = sample_text(sample, None, {}, per_vm=False, vcpus=False, pattern=None)
+    assert "(refused: VM evil\\x1b[2K, pid 9: implausible or unreadable values" in text
+    obj = sample_json(sample, None, {}, vcpus=False, pattern=None)
+    assert obj["refused"] == [{"name": "evil\x1b[2K", "pid": 9, "vm_fd": 12}]

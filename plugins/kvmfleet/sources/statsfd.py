@@ -35,12 +35,6 @@ from ..statblock import Shape, StatBlock
 from .base import Source
 from .borrowcheck import BorrowRejected, verify_stats_fd
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _uptime_ticks() -> int:
-    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * CLK_TCK)
-
 
 @dataclass
 class _Borrowed:
@@ -113,7 +107,7 @@ class StatsfdSource(Source):
         self.proc = proc
         self.only_pids = only_pids
         self.rescan_s = rescan_s
-        self.young_ticks = int(young_s * CLK_TCK)
+        self.young_ticks = int(young_s * procfs.CLK_TCK)
         self.say = say or SayOnce()
         self._clock = clock
         self._vmms: dict[int, _Vmm] = {}
@@ -163,7 +157,7 @@ class StatsfdSource(Source):
         live_set = set(live)
         for pid in [pid for pid in self._others if pid not in live_set]:
             del self._others[pid]
-        uptime = _uptime_ticks()
+        uptime = procfs.uptime_ticks()
         for pid in live:
             if pid == self._self_pid or (self.only_pids is not None and pid not in self.only_pids):
                 continue
