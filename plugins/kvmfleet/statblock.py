@@ -150,6 +150,15 @@ def add_values(a: Value | None, b: Value) -> Value:
     return b  # a histogram that changed shape (a new kernel): take the newer one
 
 
+def sub_values(a: Value, b: Value) -> Value:
+    """``a - b``, the inverse of :func:`add_values` (``a`` if their shapes differ)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a - b
+    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
+        return tuple(x - y for x, y in zip(a, b))
+    return a
+
+
 def combine(parts: Sequence[Mapping[str, Value]], descs: Mapping[str, StatDesc]) -> Mapping[str, Value]:
     """Stats of several vCPUs (or VMs) as one: counters, instant values and histogram buckets add
     up; peak values take the maximum (the peak of a whole is the largest peak of its parts)."""
