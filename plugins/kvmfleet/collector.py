@@ -274,9 +274,8 @@ class Collector:
         vms, refused = [], []
         for reading in readings:
             try:
-                vm = vm_sample(reading)
-                if self.gate.check(reading, now):
-                    vms.append(vm)
+                if self.gate.check(reading, now):  # first: stat blocks that did not change are not unpacked again
+                    vms.append(vm_sample(reading))
                     continue
             except Exception as err:
                 self.gate.unreadable(reading.identity, err)

@@ -19,9 +19,10 @@ that fails that, a first reading, or a source without blocks is looked at value 
 from __future__ import annotations
 
 import math
+import struct
 import sys
-from collections.abc import Container, Mapping
-from typing import Callable, NamedTuple
+from collections.abc import Container, Iterable, Mapping
+from typing import Callable
 
 from . import procfs
 from .logsay import SayOnce
@@ -48,57 +49,86 @@ def rate_per_second(desc: StatDesc) -> int:
     return KVM_MAX_VCPUS * per_vcpu
 
 
+def _past_int64(name: str, value: int) -> str:
+    return f"{name} = {value} is not a signed 64-bit count"
+
+
+def _too_fast(name: str, growth: int, seconds: float, limit: float) -> str:
+    return f"{name} grew by {growth} in {seconds:.1f} s, more than the {limit:.3g} any VM could"
+
+
 class _Lanes:
     """A shape's data block as one integer (``int.from_bytes``, native order): word i is a 64-bit lane."""
 
     def __init__(self, shape: Shape) -> None:
-        def top(words: list[int]) -> int:
-            return sum(1 << (self._shift(i) + 63) for i in words)
-
         self.nwords, self.nbytes = shape.nwords, shape.nwords * 8
-        cumulative = [(word, desc) for word, desc in zip(shape.scalar_words, map(shape.descs.get, shape.scalar_names))
-                      if desc is not None and desc.type.is_cumulative]
-        for name, (start, size) in shape.hists.items():
-            cumulative += [(word, shape.descs[name]) for word in range(start, start + size)]
-        read = [*shape.scalar_words, *(w for start, size in shape.hists.values() for w in range(start, start + size))]
-        self.read_top, self.all_top = top(read), top(list(range(self.nwords)))
-        self.cum_top = top([word for word, _ in cumulative])
+        self.unpack = struct.Struct(f"={self.nwords}Q").unpack_from
+        named = [(word, name) for word, name in zip(shape.scalar_words, shape.scalar_names)]
+        named += [(start + i, f"{name}[{i}]") for name, (start, size) in shape.hists.items() for i in range(size)]
+        self.read = [(word, name) for word, name in named]  # every word a stat is read from, and its name
+        self.cumulative = [(word, name, rate_per_second(desc)) for word, name in named
+                           for desc in [shape.descs[name.split("[", 1)[0]]] if desc.type.is_cumulative]
+        self.read_top = self._lanes((word, 1 << 63) for word, _ in self.read)
+        self.all_top = self._lanes((word, 1 << 63) for word in range(self.nwords))
+        self.cum_top = self._lanes((word, 1 << 63) for word, _, _ in self.cumulative)
         self.low_bits = (1 << self.nbytes * 8) - 1 - self.all_top  # a lane's 63 low bits
-        rates = [(word, rate_per_second(desc)) for word, desc in cumulative]
-        self.rates = sum(rate << self._shift(word) for word, rate in rates)
-        self.ones = sum(1 << self._shift(word) for word, _ in rates)
-        self.max_seconds = INT64_MAX // max((rate for _, rate in rates), default=1)
+        self.padded = self.read_top != self.all_top  # words no stat is read from (a newer kernel's, skipped)
+        self.rates = self._lanes((word, rate) for word, _, rate in self.cumulative)
+        self.ones = self._lanes((word, 1) for word, _, _ in self.cumulative)
+        rates = [rate for _, _, rate in self.cumulative] or [1]
+        self.max_seconds = INT64_MAX // max(rates)  # up to here, rate * seconds fits every lane
+        self.vacuous_seconds = INT64_MAX // min(rates) + 1  # from here, no growth bound is below int64
         self.limits: dict[int, int] = {}  # whole seconds -> rates * seconds + 1 in each cumulative lane
 
-    def _shift(self, word: int) -> int:
-        return 64 * (word if _LITTLE else self.nwords - 1 - word)
+    def _lanes(self, values: Iterable[tuple[int, int]]) -> int:
+        return sum(value << 64 * (word if _LITTLE else self.nwords - 1 - word) for word, value in values)
 
     def value(self, data: bytes) -> int:
-        return int.from_bytes(data[: self.nbytes], sys.byteorder)
+        return int.from_bytes(data if len(data) == self.nbytes else data[: self.nbytes], sys.byteorder)
 
-    def within(self, value: int, before: int, seconds: float) -> bool:
-        """True if no read lane is past int64 and no cumulative lane grew past its rate over ``seconds``;
-        False means: look value by value (a counter that went down fails here too, and passes there)."""
-        whole = math.ceil(seconds + SLACK_S)
-        if value & self.read_top or whole > self.max_seconds:
+    def kept(self, value: int) -> int:
+        """What to compare the next reading with: ``value`` with every lane's top bit clear (only words no stat
+        is read from can have it set, once ``value`` passed :meth:`within`)."""
+        return value & self.low_bits if self.padded else value
+
+    def within(self, value: int, before: int, seconds: float | None) -> bool:
+        """True if no read lane is past int64 and no cumulative lane grew past its rate over ``seconds`` (None: no
+        bound); False means: look value by value (a counter that went down may fail here, and passes there).
+
+        Lane by lane, ``value | top - before - limit`` with a lane's top bit as the guard: it stays set where a
+        counter grew by more than its limit. A lane that went down far enough to borrow from the next sets its
+        own top bit, so a borrow never hides a jump: the whole block then goes to :meth:`refusal`."""
+        whole = math.inf if seconds is None else math.ceil(seconds + SLACK_S)
+        if value & self.read_top:
             return False
-        growth = (value | self.all_top) - before  # before's top bits are clear: no lane borrows from another
-        if growth & self.cum_top != self.cum_top:
-            return False
-        limit = self.limits.get(whole)
+        if whole > self.max_seconds:
+            return whole >= self.vacuous_seconds
+        limit = self.limits.get(int(whole))
         if limit is None:
             if len(self.limits) > 64:
                 self.limits.clear()
-            limit = self.limits[whole] = self.rates * whole + self.ones  # growth > rate * seconds fails
-        return not (growth - limit) & self.cum_top
+            limit = self.limits[int(whole)] = self.rates * int(whole) + self.ones  # growth > rate * seconds fails
+        return not ((value | self.all_top) - before - limit) & self.cum_top
+
+    def refusal(self, data: bytes, before: bytes | None, seconds: float | None) -> str:
+        """Why this block cannot be, word by word ("" if it can): names the stat :meth:`within` refused."""
+        words = self.unpack(data)
+        for word, name in self.read:
+            if words[word] > INT64_MAX:
+                return _past_int64(name, words[word])
+        if seconds is None:
+            return ""
+        olds = self.unpack(before) if before is not None else (0,) * self.nwords
+        for word, name, rate in self.cumulative:
+            growth, limit = words[word] - olds[word], rate * (seconds + SLACK_S)
+            if growth > limit:
+                return _too_fast(name, growth, seconds, limit)
+        return ""
 
 
-class _Seen(NamedTuple):
-    """One part of a VM (VM stats or a vCPU) as last accepted."""
-
-    stats: Stats
-    value: int  # a block's lanes with their top bits cleared, -1 for other mappings
-    at: float
+# One part of a VM (its VM stats or a vCPU) as last accepted: (stats, a block's lanes with their top bits
+# cleared, or -1 for other mappings). A plain tuple: one is made per stats fd per sample.
+_Seen = tuple[Stats, int]
 
 
 def refusal(stats: Stats, before: Stats | None, descs: Mapping[str, StatDesc], seconds: float | None) -> str:
@@ -108,7 +138,7 @@ def refusal(stats: Stats, before: Stats | None, descs: Mapping[str, StatDesc], s
         if not all(isinstance(v, int) for v in values):
             return f"{name} is not an integer"
         if values and not 0 <= min(values) <= max(values) <= INT64_MAX:
-            return f"{name} = {max(values) if max(values) > INT64_MAX else min(values)} is not a signed 64-bit count"
+            return _past_int64(name, max(values) if max(values) > INT64_MAX else min(values))
         desc = descs.get(name)
         if seconds is None or desc is None or not desc.type.is_cumulative:
             continue
@@ -119,8 +149,18 @@ def refusal(stats: Stats, before: Stats | None, descs: Mapping[str, StatDesc], s
         growth = max((v - o for v, o in zip(values, olds)), default=0)
         limit = rate_per_second(desc) * (seconds + SLACK_S)
         if growth > limit:
-            return f"{name} grew by {growth} in {seconds:.1f} s, more than the {limit:.3g} any VM could"
+            return _too_fast(name, growth, seconds, limit)
     return ""
+
+
+class _VMSeen:
+    """What was last accepted of one VM, and when (monotonic seconds)."""
+
+    __slots__ = ("at", "parts")
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.parts: dict[int, _Seen] = {}  # -1: its VM stats; n: vCPU n
 
 
 class PlausibilityGate:
@@ -130,51 +170,53 @@ class PlausibilityGate:
         self.say = say or SayOnce()
         self.refused = 0  # readings refused since the start
         self._uptime_ticks = uptime_ticks
-        self._seen: dict[VMKey, dict[int, _Seen]] = {}  # by VM, by part: -1 VM stats, else the vCPU id
+        self._seen: dict[VMKey, _VMSeen] = {}
         self._lanes: dict[Shape, _Lanes] = {}
         self._said: dict[VMKey, set[str]] = {}
 
     def check(self, reading: VMReading, now: float) -> bool:
-        """True if every value of ``reading`` is plausible at monotonic time ``now``; False: refused, said once."""
+        """True if every value of ``reading`` is plausible at monotonic time ``now``; False: refused, said once.
+        Hot: a block whose bytes did not change costs one comparison (and is not unpacked again)."""
         key = reading.identity.key
-        seen = self._seen.get(key, {})
+        vm = self._seen.get(key) or self._seen.setdefault(key, _VMSeen(now))
+        seen = vm.parts
         accepted: dict[int, _Seen] = {}
-        parts = [(-1, reading.vm_stats)] if reading.vm_stats else []
-        for part, stats in [*parts, *reading.vcpus.items()]:
+        vcpus = reading.vcpus.items()
+        for part, stats in [(-1, reading.vm_stats), *vcpus] if reading.vm_stats else vcpus:
             before = seen.get(part)
-            why, value = self._check_part(stats, before, reading.descs, now, key)
+            if before is not None and isinstance(stats, StatBlock) and stats.same_data_as(before[0]):
+                accepted[part] = (stats, before[1])  # the new block: the old one can go
+                continue
+            seconds = now - vm.at if before is not None else self._age(key)
+            why, value = self._check_part(stats, before, reading.descs, seconds)
             if why:
                 self._refuse(reading.identity, "its VM stats" if part < 0 else f"vCPU {part}", why)
                 return False
-            accepted[part] = _Seen(stats, value, now)
-        self._seen[key] = accepted
+            accepted[part] = (stats, value)
+        vm.at, vm.parts = now, accepted
         return True
 
-    def _check_part(self, stats: Stats, before: _Seen | None, descs: Mapping[str, StatDesc], now: float,
-                    key: VMKey) -> tuple[str, int]:
-        """(why not, "" if plausible; the lanes to remember). Hot: once per stats fd per sample."""
+    def _check_part(self, stats: Stats, before: _Seen | None, descs: Mapping[str, StatDesc],
+                    seconds: float | None) -> tuple[str, int]:
+        """(why not, "" if plausible; the lanes to remember) of stats that changed since ``seconds`` ago."""
+        old = before[0] if before is not None else None
         data = stats.data if isinstance(stats, StatBlock) else None
         if data is None or not isinstance(stats, StatBlock):
-            return refusal(stats, before.stats if before else None, descs, self._seconds(before, now, key)), -1
+            return refusal(stats, old, descs, seconds), -1
         lanes = self._lanes.get(stats.shape) or self._lanes.setdefault(stats.shape, _Lanes(stats.shape))
         if len(data) < lanes.nbytes:
             return f"data truncated: {len(data)} of {lanes.nbytes} bytes", -1
         stats.scalars  # noqa: B018  (unpacked now, within this VM's error handling, not later in the host totals)
-        old = before.stats if before is not None else None
-        if before is not None and isinstance(old, StatBlock) and old.shape is stats.shape and before.value >= 0:
-            if data == old.data:
-                return "", before.value
-            value = lanes.value(data)
-            if lanes.within(value, before.value, now - before.at):
-                return "", value & lanes.low_bits
-        else:
-            value = lanes.value(data)
-        return refusal(stats, old, descs, self._seconds(before, now, key)), value & lanes.low_bits
+        value = lanes.value(data)
+        kept = lanes.kept(value)
+        if before is not None and not (isinstance(old, StatBlock) and old.shape is stats.shape and before[1] >= 0):
+            return refusal(stats, old, descs, seconds), kept  # a new layout: name by name
+        if lanes.within(value, before[1] if before is not None else 0, seconds):
+            return "", kept
+        return lanes.refusal(data, old.data if isinstance(old, StatBlock) else None, seconds), kept
 
-    def _seconds(self, before: _Seen | None, now: float, key: VMKey) -> float | None:
-        """Since the last accepted reading; for a first one, the age of the VMM process (None if unknown)."""
-        if before is not None:
-            return now - before.at
+    def _age(self, key: VMKey) -> float | None:
+        """Seconds since the VMM process started: what a first reading is bounded by (None if unknown)."""
         age = (self._uptime_ticks() - key.start_time) / procfs.CLK_TCK
         return age if key.start_time > 0 and age >= 0 else None
 

@@ -81,7 +81,7 @@ def test_a_vmm_flipping_its_stats_fd_for_a_minute_blinds_nothing(caplog):
             guest.wait_ready(30)
         hostile, info = start_hostile(EVIL_NAME, vcpus=HOSTILE[0], loops=HOSTILE[2], seconds=FLIP_S)
         with caplog.at_level(logging.WARNING, logger="kvmfleet"):
-            samples, source = sample_while_flipping(guests, hostile.pid)
+            samples, source = sample_while_flipping(guests, hostile.pid, info["flip_fd"])
         assert hostile.wait(10) == 0
         flips = int(re.search(rb"(\d+) flips", hostile.stderr.read()).group(1))  # type: ignore[union-attr]
         assert flips > 50 * FLIP_S  # many times a second
@@ -99,8 +99,9 @@ def test_a_vmm_flipping_its_stats_fd_for_a_minute_blinds_nothing(caplog):
     assert not [r for r in caplog.records if "refused" in r.getMessage() or "failed" in r.getMessage()]
 
 
-def sample_while_flipping(guests: dict[str, object], hostile_pid: int) -> tuple[int, StatsfdSource]:
-    """Sample every INTERVAL_S until the hostile VMM is done; every check on every sample."""
+def sample_while_flipping(guests: dict[str, object], hostile_pid: int, flip_fd: int) -> tuple[int, StatsfdSource]:
+    """Sample every INTERVAL_S until the hostile VMM is done flipping (closes ``flip_fd``); every check on every
+    sample."""
     pids = {guest.pid: name for name, guest in guests.items()}  # type: ignore[attr-defined]
     pids[hostile_pid] = EVIL_NAME
     shapes = {**HONEST, EVIL_NAME: HOSTILE}
@@ -115,7 +116,7 @@ def sample_while_flipping(guests: dict[str, object], hostile_pid: int) -> tuple[
     builder = PointBuilder(AgentConfig(per_vm=True, per_vcpu=True), "hv-hostile")
     kvm_fds_before, fds_before = procfs.borrowed_fd_count(), len(os.listdir("/proc/self/fd"))
     count, rss_warm, started = 0, 0, time.monotonic()
-    while os.path.exists(f"/proc/{hostile_pid}/fd/200") and time.monotonic() - started < FLIP_S + 20:
+    while os.path.exists(f"/proc/{hostile_pid}/fd/{flip_fd}") and time.monotonic() - started < FLIP_S + 20:
         sample = collector.sample()
         count += 1
         assert sample.duration_s < INTERVAL_S and sample.refused == []

@@ -6,7 +6,7 @@ workload: exact counts), holds its stats fds like any VMM, then dup2()s onto fd 
 many times a second: its real VM stats fd, a memfd with overlapping descriptors, its real vCPU 0 stats fd, a
 memfd with u64-max values, a FIFO and a regular file laid out like a stats fd with forged values. It prints
 one JSON line on ``--ready-fd`` once the guest ran and fd ``--flip-fd`` holds the real VM stats fd, flips
-for ``--seconds`` and exits 0 (or at SIGTERM).
+for ``--seconds``, closes fd ``--flip-fd``, and a second later closes its VM and exits 0 (or at SIGTERM).
 """
 
 from __future__ import annotations
@@ -62,7 +62,6 @@ def flip(flip_fd: int, cycle: list[int], seconds: float, pause_s: float, stop: l
             os.dup2(source, flip_fd, inheritable=False)
             flips += 1
             time.sleep(pause_s)
-    os.dup2(cycle[0], flip_fd, inheritable=False)
     return flips
 
 
@@ -97,7 +96,9 @@ def main() -> int:
         os.write(args.ready_fd, (json.dumps(ready) + "\n").encode())
         os.close(args.ready_fd)
         flips = flip(args.flip_fd, cycle, args.seconds, args.pause, stop)
+        os.close(args.flip_fd)  # done: a sampler watching fd N stops before the VM goes away
     print(f"hostilevmm: {flips} flips", file=sys.stderr)
+    time.sleep(1.0)
     vm.stop()
     vm.close()
     return 0

@@ -106,6 +106,14 @@ def test_a_first_reading_is_bounded_by_the_age_of_its_vmm(make):
 
 
 @pytest.mark.parametrize("make", [block_reading, dict_reading])
+def test_a_vm_older_than_any_bound_is_bounded_by_int64_only(make):
+    col = collector([[make(1, INT64_MAX - 5), make(2, INT64_MAX + 1)]])
+    col.gate._uptime_ticks = lambda: 200 * 86400 * procfs.CLK_TCK  # up 200 days: 2^42 a second reaches int64
+    sample = col.sample()
+    assert [vm.identity.key.pid for vm in sample.vms] == [1] and sample.refused[0].key.pid == 2
+
+
+@pytest.mark.parametrize("make", [block_reading, dict_reading])
 def test_counters_that_go_down_are_left_to_the_host_totals(make):
     col = collector([[make(1, 100)], [make(1, 40)], [make(1, 110)]])
     assert [col.sample().host["exits"] for _ in range(3)] == [100, 100, 110]
@@ -171,14 +179,22 @@ def test_lanes_decide_like_the_value_by_value_check(before, after, whole_seconds
         assert exact == ""
     else:
         assert exact or went_down
+    assert bool(lanes.refusal(new.data or b"", old.data, seconds)) == bool(exact)  # both name the same trouble
+    first = refusal(new, None, new.shape.descs, seconds)
+    assert lanes.within(lanes.value(new.data or b""), 0, seconds) == (first == "")  # a first reading
+    assert bool(lanes.refusal(new.data or b"", None, seconds)) == bool(first)
+    assert lanes.within(lanes.value(new.data or b""), 0, None) == (refusal(new, None, new.shape.descs, None) == "")
 
 
-def test_honest_readings_after_the_first_are_checked_without_looking_value_by_value(monkeypatch):
+def test_honest_readings_are_checked_without_looking_value_by_value(monkeypatch):
     import kvmfleet.plausible as plausible
 
     looked = []
-    monkeypatch.setattr(plausible, "refusal", lambda *args: looked.append(args) or "")
+    monkeypatch.setattr(plausible, "refusal", lambda *args: looked.append(args) or "refused")
+    monkeypatch.setattr(plausible._Lanes, "refusal", lambda *args: looked.append(args) or "refused")
     script = [[block_reading(1, 100 + 10**9 * i, halts=i, hist=(i, 2 * i, 0, 1))] for i in range(6)]
     col = collector([*script, [block_reading(1, 100 + 10**9 * 5, halts=5, hist=(5, 10, 0, 1))]])
     assert all(len(col.sample().vms) == 1 for _ in range(7))
-    assert len(looked) == 2  # the first reading: the VM stats and the vCPU, against the VMM's age
+    assert looked == []  # the first reading too: its lanes against the VMM's age
+    col = collector([[block_reading(2, U64_MAX)]])
+    assert col.sample().vms == [] and len(looked) == 1  # only to name what is refused
