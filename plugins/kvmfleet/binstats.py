@@ -30,7 +30,7 @@ DESC_HEAD = struct.Struct("=IhHII")
 U64 = 8
 
 # Sanity bounds, far above what a kernel makes (6.18: name_size 48, at most 47 descriptors, header, id
-# and descriptors in the first 3 KiB, a data block of 1120 bytes): anything larger is a corrupt or hostile
+# and descriptors in about 3 KiB, a data block of 1120 bytes): anything larger is a corrupt or hostile
 # file, refused rather than allocated for and read every sample.
 MAX_NAME_SIZE = 256
 MAX_DESCS = 2048
