@@ -19,7 +19,7 @@ from .model import Finding, duration_text, iso_time
 FORMATS = ("table", "json", "markdown", "html")
 MAX_SKIPPED_LINES = 12
 MAX_NAME_SHOWN = 200  # characters of a host or VM name shown in the table, markdown and HTML (JSON: all of it)
-MAX_ANCHOR = 64
+MAX_ANCHOR = 64  # characters of a host section's id; a longer name gets its hash after them
 MAX_HOST_COLUMN = 40  # a longer name overflows its cell instead of widening every row
 
 
