@@ -16,7 +16,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kvmfleet.collectd_config import render
 
@@ -30,18 +30,6 @@ def collectd_binary() -> str:
         raise RuntimeError("collectd is not installed: the Debian package 'collectd-core' is missing "
                            "(scripts/install-deps)")
     return path
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.25) -> Any:
-    """Poll ``check`` until it returns something truthy; AssertionError naming ``what`` at the timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {result!r})")
-        time.sleep(every)
 
 
 class Collectd:

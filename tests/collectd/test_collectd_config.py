@@ -7,9 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.collectd.cdhelpers import HOSTNAME, Collectd, wait_for
+from tests.collectd.cdhelpers import HOSTNAME, Collectd
 from tests.server.shiphelpers import secret_file
 from tests.support.servers import free_port
+from tests.support.waiting import wait_for
 
 from kvmfleet.collectd_config import default_module_paths, quote
 
