@@ -130,9 +130,9 @@ class Collectd:
         pattern = str(self.csv_dir / self.hostname / plugin_dir / f"{value_file}-*")
         for path in sorted(glob.glob(pattern)):
             for line in Path(path).read_text().splitlines():
-                if line and line[0].isdigit():
-                    epoch, value = line.split(",")[:2]
-                    rows.append((float(epoch), float(value)))
+                fields = line.split(",")
+                if line[:1].isdigit() and len(fields) >= 2 and fields[1]:  # (a line being written may be partial)
+                    rows.append((float(fields[0]), float(fields[1])))
         return sorted(rows)
 
     def sample_times_ms(self) -> list[int]:
