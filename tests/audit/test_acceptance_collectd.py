@@ -29,9 +29,8 @@ from pathlib import Path
 
 import pytest
 from tests.audit.conftest import audit
-from tests.collectd.cdhelpers import Collectd
+from tests.collectd.cdhelpers import Collectd, wait_for
 from tests.support.servers import InfluxDB1
-from tests.support.waiting import wait_for
 
 from kvmfleet.cli import main
 from kvmfleet.facts import gather

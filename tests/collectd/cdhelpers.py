@@ -18,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tests.support.waiting import wait_for  # noqa: F401  (the collectd tests import it from here)
+
 from kvmfleet.collectd_config import render
 
 HOSTNAME = "cdt-hv1"

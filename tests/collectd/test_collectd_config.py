@@ -7,10 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.collectd.cdhelpers import HOSTNAME, Collectd
+from tests.collectd.cdhelpers import HOSTNAME, Collectd, wait_for
 from tests.server.shiphelpers import secret_file
 from tests.support.servers import free_port
-from tests.support.waiting import wait_for
 
 from kvmfleet.collectd_config import default_module_paths, quote
 

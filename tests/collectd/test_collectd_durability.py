@@ -9,12 +9,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.collectd.cdhelpers import HOSTNAME, Collectd, unmatched
+from tests.collectd.cdhelpers import HOSTNAME, Collectd, unmatched, wait_for
 from tests.collectd.conftest import Guests
 from tests.collectd.test_collectd_ship import secrets_nowhere, v1_options
 from tests.server.shiphelpers import INFLUX_PASSWORD
 from tests.support.servers import BlackholeServer, InfluxDB1
-from tests.support.waiting import wait_for
 
 from kvmfleet.ship.spool import load_spool
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.collectd.cdhelpers import Collectd
+from tests.collectd.cdhelpers import Collectd, wait_for
 from tests.collectd.test_collectd_ship import influx_points, v1_options
 from tests.support.libvirtd import Libvirtd, domstats
 from tests.support.servers import InfluxDB1
-from tests.support.waiting import wait_for
 
 
 def test_libvirt_domain_arrives_named_by_the_domain_with_virsh_values(influxdb: InfluxDB1, password_file: str,

@@ -10,11 +10,10 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from tests.collectd.cdhelpers import HOSTNAME, Collectd, unmatched
+from tests.collectd.cdhelpers import HOSTNAME, Collectd, unmatched, wait_for
 from tests.collectd.conftest import Guests
 from tests.server.shiphelpers import INFLUX_PASSWORD, INFLUX_USER, secret_file
 from tests.support.servers import InfluxDB1, VictoriaMetrics
-from tests.support.waiting import wait_for
 
 TOKEN = "vm-T0ken-0123456789abcdef-never-logged"
 AWKWARD_TAG = 'row "7", rack\\3 = a b'  # quotes, a backslash, comma, equals, spaces: through collectd's parser
