@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
+import ipaddress
 import json
 import logging
 import socket
@@ -33,6 +34,7 @@ URL_UNPARSABLE = "unparsable"
 URL_NOT_HTTP = "not-http"
 URL_CREDENTIALS = "credentials"
 URL_QUERY = "query"
+URL_PLAIN_CREDENTIALS = "plain-credentials"
 
 
 class URLProblem(ValueError):
@@ -47,8 +49,14 @@ class URLProblem(ValueError):
             URL_NOT_HTTP: f"url must be http(s)://host[:port][/path], got {self.shown!r}",
             URL_CREDENTIALS: "credentials do not belong in the url",
             URL_QUERY: "the url must have no query string or fragment",
+            URL_PLAIN_CREDENTIALS: f"credentials would cross the network unencrypted to {self.shown!r} (http://): "
+                                   f"use https://, or allow plain http explicitly",
         }
         super().__init__(messages[kind])
+
+
+class DeadlineExceeded(TimeoutError):
+    """An exchange that did not end within its deadline (a slow or stuck server); the socket was shut down."""
 
 
 class CAFileError(ValueError):
@@ -71,6 +79,25 @@ def check_url(url: str) -> urllib.parse.SplitResult:
     if parts.query or parts.fragment:
         raise URLProblem(URL_QUERY, url)
     return parts
+
+
+def check_credentials_transport(url: str, credentials: bool, allow_plain: bool = False) -> None:
+    """Refuse to send credentials over plain ``http://`` to another machine (anyone on the path reads them),
+    unless the operator said so (``allow_plain``): :class:`URLProblem` of kind ``URL_PLAIN_CREDENTIALS``.
+    TLS, or a loopback address (the credentials never leave this machine), is always fine."""
+    parts = check_url(url)
+    if not credentials or allow_plain or parts.scheme == "https" or _is_loopback(parts.hostname or ""):
+        return
+    raise URLProblem(URL_PLAIN_CREDENTIALS, url)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def redact_url(url: str) -> str:
@@ -185,13 +212,16 @@ class KeepAliveConnection:
     """One kept-alive HTTP(S) connection to one server, for POSTs.
 
     A POST that finds its kept-alive connection closed by the server (an idle timeout) is sent once more on a
-    new one. ``connect_timeout`` bounds the TCP connect and TLS handshake, ``timeout`` each read and write.
-    Not thread-safe, except :meth:`abort`. Transport errors propagate as raised (``OSError``, ``TimeoutError``,
-    ``ssl.SSLError``, ``http.client.HTTPException``): each caller words them.
+    new one. ``connect_timeout`` bounds the TCP connect and TLS handshake, ``timeout`` each read and write, and
+    ``deadline`` (default ``timeout``) the whole exchange: a server that answers one byte a second resets every
+    read's timeout but not the deadline, after which the socket is shut down and :class:`DeadlineExceeded`
+    raised. Not thread-safe, except :meth:`abort`. Transport errors propagate as raised (``OSError``,
+    ``TimeoutError``, ``ssl.SSLError``, ``http.client.HTTPException``): each caller words them.
     """
 
     def __init__(self, url: str, tls: ssl.SSLContext | None = None, timeout: float = 10.0,
-                 connect_timeout: float | None = None, max_body: int = MAX_RESPONSE_BODY) -> None:
+                 connect_timeout: float | None = None, max_body: int = MAX_RESPONSE_BODY,
+                 deadline: float | None = None) -> None:
         parts = check_url(url)
         self._https = parts.scheme == "https"
         self._host = parts.hostname or ""
@@ -200,12 +230,33 @@ class KeepAliveConnection:
         self.timeout = float(timeout)
         self.connect_timeout = self.timeout if connect_timeout is None else float(connect_timeout)
         self.max_body = max_body
+        self.deadline = self.timeout if deadline is None else float(deadline)
         self.opened = 0  # connections opened so far: few when keep-alive works
         self._conn: http.client.HTTPConnection | None = None
         self._lock = threading.Lock()
 
     def post(self, path: str, body: bytes, headers: Mapping[str, str]) -> Response:
-        """POST ``body`` to ``path``; the answer with at most ``max_body`` bytes of its body."""
+        """POST ``body`` to ``path``; the answer with at most ``max_body`` bytes of its body, within ``deadline``
+        seconds or :class:`DeadlineExceeded`."""
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            self.abort()
+
+        watchdog = threading.Timer(self.deadline, expire)
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return self._post(path, body, headers)
+        except (OSError, http.client.HTTPException) as err:
+            if expired.is_set():
+                raise DeadlineExceeded(f"no complete answer within {self.deadline:g}s") from err
+            raise
+        finally:
+            watchdog.cancel()
+
+    def _post(self, path: str, body: bytes, headers: Mapping[str, str]) -> Response:
         for attempt in (1, 2):
             reused = self._conn is not None
             try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Union
 
 from . import schema, words
-from .influxhttp import URL_CREDENTIALS, URLProblem, check_url, redact_url
+from .influxhttp import URL_CREDENTIALS, URLProblem, check_credentials_transport, check_url, redact_url
 from .ship import ShipConfig, make_writer
 from .ship.writers import ShipConfigError, Writer, read_secret
 from .sources import DEFAULT_URI, SOURCE_NAMES
@@ -140,6 +140,10 @@ OPTIONS: tuple[Option, ...] = (
            "warning is logged when off)", "verify_tls", shipping=True, role_var=_role("influx_verify_tls")),
     Option("CAFile", "cafile", None, "PEM bundle to verify the server with", "ca_file", shipping=True,
            role_var=_role("influx_ca_file"), shown_default="system CAs"),
+    Option("AllowPlainHTTP", "bool", SHIP_DEFAULTS.allow_plain_http, "send the password or token to an "
+           "`http://` `InfluxURL` on another machine, where anyone on the path reads them (refused otherwise; "
+           "`https://` and loopback addresses need no such permission)", "allow_plain_http", shipping=True,
+           role_var=_role("influx_allow_plain_http")),
     Option("Timeout", "seconds", SHIP_DEFAULTS.timeout, "per request (connect, send, answer); also how long "
            "shutdown flushes before spooling the rest", "timeout", shipping=True, role_var=_role("influx_timeout")),
     Option("BufferLines", "count", SHIP_DEFAULTS.buffer_lines, "most lines held while the server is unreachable; "
@@ -490,6 +494,7 @@ def _ship_config(problems: _Problems, given: dict[str, Any], seen: dict[str, tup
     retry_min, retry_max = (given.get(n, DEFAULTS[n]) for n in ("RetryMin", "RetryMax"))
     if retry_min > retry_max:
         problems.bad("RetryMin", seen.get("RetryMin", (retry_min,)), f"at most RetryMax ({retry_max:g})")
+    _check_transport(problems, given, seen)
     if check_files and len(problems.errors) == errors_before:
         for name in ("PasswordFile", "TokenFile"):
             if name in given:
@@ -497,6 +502,16 @@ def _ship_config(problems: _Problems, given: dict[str, Any], seen: dict[str, tup
     if len(problems.errors) != errors_before:
         return None
     return _ship_from(given, problems)
+
+
+def _check_transport(problems: _Problems, given: dict[str, Any], seen: dict[str, tuple[ConfigValue, ...]]) -> None:
+    credentials = "PasswordFile" in given or "TokenFile" in given
+    try:
+        check_credentials_transport(given["InfluxURL"], credentials, given.get("AllowPlainHTTP", False))
+    except URLProblem:
+        problems.bad("InfluxURL", seen["InfluxURL"], "an https:// URL when PasswordFile or TokenFile is given "
+                                                     "(the credentials would cross the network unencrypted), or "
+                                                     "AllowPlainHTTP true")
 
 
 def _check_secret_file(problems: _Problems, name: str, values: tuple[ConfigValue, ...], path: str) -> None:

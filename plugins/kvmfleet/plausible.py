@@ -28,7 +28,7 @@ from . import procfs
 from .logsay import SayOnce
 from .model import StatDesc, Stats, StatUnit, VMIdentity, VMKey, VMReading
 from .statblock import Shape, StatBlock
-from .textsafe import terminal_safe
+from .textsafe import for_terminal, shortened
 
 INT64_MAX = (1 << 63) - 1
 KVM_MAX_VCPUS = 4096  # x86's KVM_MAX_VCPUS: a VM-wide counter may add up this many vCPUs
@@ -229,9 +229,9 @@ class PlausibilityGate:
         key = identity.key
         said = f"refused:{key.pid}:{key.start_time}:{key.vm_fd}:{what}:{why.split(' ', 1)[0]}"
         self._said.setdefault(key, set()).add(said)
-        self.say.first(said, f"kvmfleet: VM {terminal_safe(identity.name, 80)} (pid {key.pid}) refused, {what}: "
-                             f"{why}; left out of the samples while this lasts, the host totals keep its last "
-                             "accepted values")
+        name = for_terminal(shortened(identity.name, 80))
+        self.say.first(said, f"kvmfleet: VM {name} (pid {key.pid}) refused, {what}: {why}; left out of the samples "
+                             "while this lasts, the host totals keep its last accepted values")
 
     def forget_except(self, live: Container[VMKey]) -> None:
         """Drop what is remembered of VMs that are gone."""

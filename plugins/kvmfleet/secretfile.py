@@ -1,12 +1,18 @@
-"""Secrets (tokens, passwords) come from files: read one, never showing it."""
+"""Secrets (tokens, passwords) come from files: read one, never showing it.
+
+A secret file is a private file (:mod:`kvmfleet.privfile`): no link followed, a regular file of this user or root,
+in a directory no other user can write to, read from the one descriptor that was checked."""
 
 from __future__ import annotations
 
 import logging
-import os
 import stat
 
+from .privfile import read_private
+
 log = logging.getLogger("kvmfleet")
+
+MAX_SECRET_BYTES = 64 << 10  # a password or a token; anything bigger is not one
 
 
 class SecretFileError(ValueError):
@@ -20,9 +26,8 @@ def read_secret(path: str, what: str) -> str:
     if not path:
         raise SecretFileError(f"{what}: no file given")
     try:
-        st = os.stat(path)
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
+        data, st = read_private(path, MAX_SECRET_BYTES)
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
         raise SecretFileError(f"{what} {path!r} cannot be read: {reason}") from None

@@ -1,29 +1,52 @@
-"""Text from other people's processes made safe to print on a terminal.
+"""Names from outside made harmless before they reach a terminal or a report.
 
-VM names, UUIDs and VMM kinds come from VMM command lines and ``comm``, which a guest owner may
-choose: an escape sequence in one could clear the screen or rewrite a line an operator relies on.
+Host names come from the database (any hypervisor can write there), VM names from VMM command lines (a guest
+owner chooses them). Printed raw, an escape sequence can move the cursor, clear a line or retitle the terminal:
+hide the critical line of a report. Control characters are shown escaped instead (``\\x1b``, ``\\n``), as Python
+writes them; a backslash is doubled, so an escaped name cannot pass for another.
 """
 
 from __future__ import annotations
 
+import html
 
-def _escaped(char: str) -> str:
-    if char == "\\":
-        return "\\\\"
-    code = ord(char)
-    if code < 0x100:
-        return f"\\x{code:02x}"
-    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
-def terminal_safe(text: str, limit: int | None = None) -> str:
-    """``text`` with every character a terminal could act on (control characters, ESC, DEL, C1 controls,
-    bidi overrides, line separators: whatever ``str.isprintable`` refuses) shown as ``\\xNN``/``\\uNNNN``,
-    and backslashes doubled so that an escaped character cannot be forged. Past ``limit`` characters the
-    rest is cut and counted, so a 64 KiB name cannot push everything else off the screen."""
-    cut = 0
-    if limit is not None and len(text) > limit:
-        cut, text = len(text) - limit, text[:limit]
-    if not text.isprintable() or "\\" in text:
-        text = "".join(char if char.isprintable() and char != "\\" else _escaped(char) for char in text)
-    return f"{text}...(+{cut} characters)" if cut else text
+def for_terminal(text: object) -> str:
+    """``text`` with every character that is not printable (C0/C1 controls, DEL, line and paragraph separators)
+    written as an escape, and backslashes doubled."""
+    s = str(text)
+    if s.isprintable() and "\\" not in s:
+        return s
+    return "".join(_ESCAPES.get(ch) or (ch if ch.isprintable() else _escape(ch)) for ch in s)
+
+
+def one_line(text: object) -> str:
+    """``text`` with every character that is not printable written as an escape, backslashes kept: for messages
+    and other text that is not a name (a server's words, a regex), shown on one line without driving a terminal."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(ch if ch.isprintable() else _ESCAPES.get(ch) or _escape(ch) for ch in s)
+
+
+def _escape(ch: str) -> str:
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def for_markdown(text: object) -> str:
+    """``text`` for a markdown line or table cell: terminal-safe (one line; its doubled backslashes are
+    markdown's own escape), HTML shown as text, and markdown's emphasis, code, link and cell marks escaped."""
+    s = html.escape(for_terminal(text), quote=False)
+    for ch in "`*_[]|#":
+        s = s.replace(ch, "\\" + ch)
+    return s
+
+
+def shortened(text: object, limit: int) -> str:
+    """``text`` cut after ``limit`` characters, saying how many more there were: a 64 KiB name must not push
+    everything else off the screen or out of a log line."""
+    s = str(text)
+    return s if len(s) <= limit else f"{s[:limit]}...(+{len(s) - limit} characters)"

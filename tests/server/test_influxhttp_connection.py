@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from tests.support.servers import LOCALHOST, BlackholeServer, StubHTTPServer, StubRequest, StubResponse
 
-from kvmfleet.influxhttp import KeepAliveConnection
+from kvmfleet.influxhttp import DeadlineExceeded, KeepAliveConnection
 
 pytestmark = pytest.mark.server
 
@@ -135,3 +135,28 @@ def test_https_is_verified_unless_told(tls_cert: tuple[str, str]) -> None:
             KeepAliveConnection(https.url).post("/write", b"x", {})
         ctx = ssl.create_default_context(cafile=cert)
         assert KeepAliveConnection(https.url, tls=ctx).post("/write", b"x", {}).status == 204
+
+
+def test_a_server_that_trickles_its_answer_hits_the_deadline(raw_server) -> None:  # type: ignore[no-untyped-def]
+    """One byte a second keeps every read within its timeout: only the deadline of the whole exchange ends it."""
+    stop = threading.Event()
+
+    def trickle(sock: socket.socket) -> None:
+        read_request(sock)
+        for byte in OK * 10:
+            if stop.wait(0.5):
+                return
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return
+
+    server = raw_server(trickle)
+    try:
+        with KeepAliveConnection(server.url, timeout=2, deadline=1.5) as conn:
+            t0 = time.monotonic()
+            with pytest.raises(DeadlineExceeded, match=r"no complete answer within 1\.5s"):
+                conn.post("/write", b"x", {})
+            assert 1.4 < time.monotonic() - t0 < 4
+    finally:
+        stop.set()

@@ -211,3 +211,28 @@ def test_connection_to_https_verifies_unless_told() -> None:
     conn = influxhttp.KeepAliveConnection("https://h:8086")
     assert conn._tls is not None and conn._tls.verify_mode == ssl.CERT_REQUIRED
     assert influxhttp.KeepAliveConnection("http://h:8086")._tls is None
+
+
+@pytest.mark.parametrize(("url", "credentials", "allow", "refused"), [
+    ("http://db.example:8086", True, False, True),
+    ("http://db.example:8086", True, True, False),
+    ("http://db.example:8086", False, False, False),
+    ("https://db.example:8086", True, False, False),
+    ("http://127.0.2.7:8086", True, False, False),
+    ("http://[::1]:8086", True, False, False),
+])
+def test_credentials_go_over_tls_or_stay_on_this_machine(url: str, credentials: bool, allow: bool,
+                                                         refused: bool) -> None:
+    if refused:
+        with pytest.raises(influxhttp.URLProblem) as info:
+            influxhttp.check_credentials_transport(url, credentials, allow)
+        assert info.value.kind == influxhttp.URL_PLAIN_CREDENTIALS and "unencrypted" in str(info.value)
+    else:
+        influxhttp.check_credentials_transport(url, credentials, allow)
+
+
+def test_the_audit_client_refuses_plain_http_credentials() -> None:
+    with pytest.raises(AuditError, match="--allow-plain-http"):
+        InfluxQLClient(Connection(url="http://db.example:8086", database="kvm", token="t0ken"))
+    InfluxQLClient(Connection(url="http://db.example:8086", database="kvm", token="t0ken",
+                              allow_plain_http=True)).close()

@@ -109,12 +109,12 @@ def test_cross_option_mistakes(lines: list[tuple[Any, ...]], needles: list[str])
 
 
 def test_secret_files_are_checked_and_never_read_out(tmp_path: Path) -> None:
-    base = [("InfluxURL", "http://x:8086"), ("InfluxAPI", "v2"), ("Org", "o"), ("Bucket", "b")]
+    base = [("InfluxURL", "https://x:8086"), ("InfluxAPI", "v2"), ("Org", "o"), ("Bucket", "b")]
     missing = problems(*base, ("TokenFile", str(tmp_path / "nope")))
     assert len(missing) == 1 and f'option TokenFile "{tmp_path / "nope"}"' in missing[0]
     assert "No such file or directory" in missing[0] and "holding the token alone" in missing[0]
     a_dir = problems(*base, ("TokenFile", str(tmp_path)))
-    assert "Is a directory" in a_dir[0]
+    assert "is not a regular file" in a_dir[0]
     empty = secret(tmp_path, "empty", "")
     assert "is empty" in problems(*base, ("TokenFile", empty))[0]
     two = secret(tmp_path, "two", SECRET + "\nsecond line")
@@ -158,7 +158,42 @@ def test_v2_config_and_writer(tmp_path: Path) -> None:
 
 
 def test_check_files_false_skips_file_checks() -> None:
-    cfg = parse_config(entries(("InfluxURL", "http://x:1"), ("Database", "kvm"), ("Username", "u"),
+    cfg = parse_config(entries(("InfluxURL", "https://x:1"), ("Database", "kvm"), ("Username", "u"),
                                ("PasswordFile", "/nonexistent/pass"), ("CAFile", "/nonexistent/ca")),
                        check_files=False)
     assert cfg.ship is not None and cfg.ship.password_file == "/nonexistent/pass"
+
+
+@pytest.mark.parametrize(("url", "allow", "refused"), [
+    ("http://db.example:8086", None, True),
+    ("http://10.1.2.3:8086", None, True),
+    ("http://db.example:8086", True, False),
+    ("https://db.example:8086", None, False),
+    ("http://127.0.0.1:8086", None, False),
+    ("http://localhost:8086", None, False),
+    ("http://[::1]:8086", None, False),
+])
+def test_credentials_never_cross_the_network_unencrypted_unless_allowed(tmp_path: Path, url: str,
+                                                                        allow: bool | None, refused: bool) -> None:
+    lines = [("InfluxURL", url), ("Database", "kvm"), ("Username", "u"), ("PasswordFile", secret(tmp_path))]
+    if allow is not None:
+        lines.append(("AllowPlainHTTP", allow))
+    if refused:
+        found = problems(*lines)
+        assert len(found) == 1 and f'option InfluxURL "{url}"' in found[0] and "AllowPlainHTTP true" in found[0]
+        assert SECRET not in found[0]
+    else:
+        cfg = parse_config(entries(*lines))
+        assert cfg.ship is not None and cfg.ship.allow_plain_http is bool(allow)
+    no_credentials = parse_config(entries(("InfluxURL", url), ("Database", "kvm")))
+    assert no_credentials.ship is not None  # without credentials plain http is fine: nothing to steal
+
+
+def test_the_writer_refuses_plain_http_credentials_too(tmp_path: Path) -> None:
+    from kvmfleet.ship import ShipConfig, ShipConfigError, make_writer
+
+    cfg = ShipConfig(url="http://db.example:8086", username="u", password_file=secret(tmp_path))
+    with pytest.raises(ShipConfigError, match="unencrypted"):
+        make_writer(cfg)
+    cfg.allow_plain_http = True
+    make_writer(cfg).close()

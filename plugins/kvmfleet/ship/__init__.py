@@ -11,6 +11,7 @@ Typical use (collectd's init callback builds and starts it, the read callback su
 
 Config keys (:class:`ShipConfig`): ``api`` ("v1" | "v2"), ``url``, ``database``, ``retention_policy``,
 ``username``, ``password_file`` (v1), ``org``, ``bucket``, ``token_file`` (v2), ``verify_tls``, ``ca_file``,
+``allow_plain_http``,
 ``timeout``, ``buffer_lines``, ``spool_path``, and the tuning keys ``batch_lines``, ``retry_min``,
 ``retry_max``.
 """
@@ -78,6 +79,7 @@ class ShipConfig:
     token_file: str | None = None
     verify_tls: bool = True
     ca_file: str | None = None
+    allow_plain_http: bool = False  # credentials over http:// to another machine: refused unless true
     timeout: float = 10.0
     buffer_lines: int = DEFAULT_CAPACITY
     spool_path: str | None = DEFAULT_SPOOL_PATH  # None or "": no spool
@@ -145,6 +147,7 @@ def make_writer(cfg: ShipConfig) -> Writer:
             verify_tls=cfg.verify_tls,
             ca_file=cfg.ca_file,
             timeout=cfg.timeout,
+            allow_plain_http=cfg.allow_plain_http,
         )
     return V2Writer(
         cfg.url,
@@ -154,6 +157,7 @@ def make_writer(cfg: ShipConfig) -> Writer:
         verify_tls=cfg.verify_tls,
         ca_file=cfg.ca_file,
         timeout=cfg.timeout,
+        allow_plain_http=cfg.allow_plain_http,
     )
 
 

@@ -114,6 +114,13 @@ def _checked_url(url: str, what: str) -> urllib.parse.SplitResult:
         raise ShipConfigError(f"{what}: {problem}{hint}") from None
 
 
+def _check_transport(url: str, credentials: bool, allow_plain_http: bool, what: str) -> None:
+    try:
+        influxhttp.check_credentials_transport(url, credentials, allow_plain_http)
+    except influxhttp.URLProblem as problem:
+        raise ShipConfigError(f"{what}: {problem} (allow_plain_http)") from None
+
+
 def _tls_context(verify_tls: bool, ca_file: str | None, who: str) -> ssl.SSLContext:
     try:
         return influxhttp.tls_context(verify_tls, ca_file, who=who, off_by="verify_tls false")
@@ -153,6 +160,7 @@ class V1Writer:
         timeout: float = 10.0,
         connect_timeout: float | None = None,
         gzip_level: int = 5,
+        allow_plain_http: bool = False,
     ) -> None:
         u = _checked_url(url, "influxdb v1")
         if not database:
@@ -174,6 +182,7 @@ class V1Writer:
         tls = _tls_context(verify_tls, ca_file, self.name) if u.scheme == "https" else None
         self._http = influxhttp.KeepAliveConnection(url, tls, timeout, connect_timeout)
         password = self._read_password(password_file)
+        _check_transport(url, bool(self.username), allow_plain_http, "influxdb v1")
         self._headers = {
             "Content-Type": "text/plain; charset=utf-8",
             "Content-Encoding": "gzip",
@@ -257,6 +266,7 @@ class V2Writer:
         ca_file: str | None = None,
         timeout: float = 10.0,
         connect_timeout: float | None = None,
+        allow_plain_http: bool = False,
     ) -> None:
         u = _checked_url(url, "influxdb v2")
         if not bucket:
@@ -272,6 +282,7 @@ class V2Writer:
         self.ca_file = ca_file
         self.name = f"influxdb-v2 {u.scheme}://{u.netloc}{u.path} bucket={bucket}"
         token = read_secret(token_file, "token_file") if token_file else ""
+        _check_transport(url, bool(token), allow_plain_http, "influxdb v2")
         self._scrub = influxhttp.Scrubber(token)
         self._hint_auth = (f"check token_file {token_file!r}" if token_file
                            else "the server requires a token: set token_file")

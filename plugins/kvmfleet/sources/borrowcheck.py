@@ -15,7 +15,7 @@ import re
 
 from ..binstats import StatsFormatError, StatsLayout, read_layout
 from ..procfs import KvmFd
-from ..textsafe import terminal_safe
+from ..textsafe import for_terminal, shortened
 
 _STATS_ID = re.compile(r"kvm-\d+(?:/vcpu-(\d+))?\Z")  # kvm-<pid>, kvm-<pid>/vcpu-<id> (virt/kvm/kvm_main.c)
 
@@ -41,7 +41,7 @@ def verify_stats_fd(fd: int, kfd: KvmFd) -> StatsLayout:
     except OSError as err:
         raise BorrowRejected("link", f"its link is unreadable ({err})") from None
     if link != want:
-        raise BorrowRejected("link", f"it is {terminal_safe(link, 120)}, not {want}")
+        raise BorrowRejected("link", f"it is {for_terminal(shortened(link, 120))}, not {want}")
     try:
         layout = read_layout(fd)
     except (OSError, StatsFormatError) as err:
@@ -49,5 +49,5 @@ def verify_stats_fd(fd: int, kfd: KvmFd) -> StatsLayout:
     match = _STATS_ID.match(layout.id)
     vcpu = None if match is None or match.group(1) is None else int(match.group(1))
     if match is None or vcpu != (kfd.index if kfd.kind == "vcpu-stats" else None):
-        raise BorrowRejected("id", f"its stats id {terminal_safe(layout.id, 80)!r} does not fit {want}")
+        raise BorrowRejected("id", f"its stats id '{for_terminal(shortened(layout.id, 80))}' does not fit {want}")
     return layout
