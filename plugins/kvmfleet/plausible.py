@@ -11,9 +11,10 @@ signed 64-bit. At every sample, whatever the source (libvirt's values come from 
 
 A reading that fails is refused whole (:meth:`PlausibilityGate.check`) and said once per VM and counter.
 
-Per-sample cost: a stat block whose bytes did not change is one comparison; one that changed is checked at
-once as one big integer of 64-bit lanes (int64: top bits; growth: a lane-wise subtraction); only a block
-that fails that, a first reading, or a source without blocks is looked at value by value, to name the counter.
+Per-sample cost: a stat block whose bytes did not change is one comparison (and is not unpacked again); one
+that changed, or a first reading, is checked at once as one big integer of 64-bit lanes (int64: top bits;
+growth: a lane-wise subtraction); a block is looked at word by word only to name what it refused, and value
+by value only for sources without blocks (debugfs, libvirt) or a block whose layout changed.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from .textsafe import for_terminal, shortened
 INT64_MAX = (1 << 63) - 1
 KVM_MAX_VCPUS = 4096  # x86's KVM_MAX_VCPUS: a VM-wide counter may add up this many vCPUs
 # What one vCPU could do in a second, far above what any does: more than one event per nanosecond (a
-# VM exit, an emulated instruction, a halt take far longer), a whole second, an 8.6 GHz clock, 128 GiB.
+# VM exit, an emulated instruction or a halt each take far longer), a whole second, an 8.6 GHz clock, 128 GiB.
 PER_VCPU_SECOND = {StatUnit.NONE: 1 << 30, StatUnit.BOOLEAN: 1 << 30, StatUnit.CYCLES: 1 << 33,
                    StatUnit.BYTES: 1 << 37}
 SLACK_S = 1.0  # added to every interval: reads of one sample are not all at the same instant
