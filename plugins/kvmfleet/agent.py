@@ -44,6 +44,7 @@ class ReadStats:
     points: int = 0
     dispatched: int = 0
     vms: int = 0
+    vms_refused: int = 0
     reads: int = 0
     failures: int = 0
 
@@ -127,6 +128,7 @@ class Agent:
                 lines.append(self.builder.facts_line(sample))
             st.sample_duration_s = sample.duration_s
             st.vms = len(sample.vms)
+            st.vms_refused = len(sample.refused)
             st.dispatched = result.dispatched
             st.points = len(lines) + (1 if shipping else 0)
             st.read_duration_s = time.perf_counter() - t0
@@ -157,6 +159,7 @@ class Agent:
             "points": st.points,
             "dispatched": st.dispatched,
             "read_failures": st.failures,
+            "vms_refused": st.vms_refused,
         }
         if ship is not None:
             for name in schema.AGENT_SHIP_FIELDS:
