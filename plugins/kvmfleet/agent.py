@@ -44,6 +44,7 @@ class ReadStats:
     points: int = 0
     dispatched: int = 0
     vms: int = 0
+    vms_refused: int = 0
     reads: int = 0
     failures: int = 0
 
@@ -77,7 +78,8 @@ class Agent:
         self.builder = PointBuilder(cfg, hostname)
         self.sink = sink if cfg.dispatch else None
         self.collector = Collector(source if source is not None else make_source(cfg.source, say=self.say,
-                                                                                   libvirt_uri=cfg.libvirt_uri))
+                                                                                   libvirt_uri=cfg.libvirt_uri),
+                                   say=self.say)
         if cfg.ship is not None:
             writer = self.writer if self.writer is not None else make_writer(cfg.ship)
             self.writer = writer
@@ -126,6 +128,7 @@ class Agent:
                 lines.append(self.builder.facts_line(sample))
             st.sample_duration_s = sample.duration_s
             st.vms = len(sample.vms)
+            st.vms_refused = len(sample.refused)
             st.dispatched = result.dispatched
             st.points = len(lines) + (1 if shipping else 0)
             st.read_duration_s = time.perf_counter() - t0
@@ -156,6 +159,7 @@ class Agent:
             "points": st.points,
             "dispatched": st.dispatched,
             "read_failures": st.failures,
+            "vms_refused": st.vms_refused,
         }
         if ship is not None:
             for name in schema.AGENT_SHIP_FIELDS:

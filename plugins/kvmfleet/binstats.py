@@ -9,6 +9,11 @@ Layout (include/uapi/linux/kvm.h, Documentation/virt/kvm/api.rst), native endian
 Header, id and descriptors never change for an fd, so :func:`read_layout` parses them once and
 :meth:`StatsLayout.decode` turns each later ``pread`` of the data block into values. Descriptors of
 a type or unit this code does not know (a newer kernel) are skipped and listed in ``skipped``.
+
+The bytes may come from a process that wants to hurt the collector (docs/statistics.md, "Hostile VMMs"):
+a layout the kernel would never make (regions or descriptors that overlap, offsets or sizes out of
+range, a data block shorter than its descriptors say) is refused as a whole with
+:class:`StatsFormatError`, so that every later sample is one plain ``pread`` and one ``unpack``.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ HEADER = struct.Struct("=6I")
 DESC_HEAD = struct.Struct("=IhHII")
 U64 = 8
 
-# Sanity bounds: the kernel's values are tiny (name_size 48, ~100 descriptors, a few KiB of data);
-# anything far larger is a corrupt or hostile file, and we refuse it rather than allocate for it.
-MAX_NAME_SIZE = 4096
-MAX_DESCS = 65536
-MAX_BLOCK = 16 << 20
+# Sanity bounds, far above what a kernel makes (6.18: name_size 48, at most 47 descriptors, header, id
+# and descriptors in about 3 KiB, a data block of 1120 bytes): anything larger is a corrupt or hostile
+# file, refused rather than allocated for and read every sample.
+MAX_NAME_SIZE = 256
+MAX_DESCS = 2048
+MAX_OFFSET = 1 << 20
+MAX_DATA = 256 << 10
 
 TYPE_MASK, UNIT_MASK, UNIT_SHIFT, BASE_MASK = 0xF, 0xF0, 4, 0xF00
 BASES = {0x000: 10, 0x100: 2}
@@ -57,9 +64,21 @@ def parse_header(raw: bytes) -> Header:
     if header.num_desc > MAX_DESCS:
         raise StatsFormatError(f"stats header num_desc {header.num_desc} out of range")
     for what in ("id_offset", "desc_offset", "data_offset"):
-        if getattr(header, what) > MAX_BLOCK:
+        if not HEADER.size <= getattr(header, what) <= MAX_OFFSET:
             raise StatsFormatError(f"stats header {what} {getattr(header, what)} out of range")
     return header
+
+
+def _check_regions(header: Header, data_size: int) -> None:
+    """Id, descriptors and data must not overlap (the kernel lays them out one after the other, past the header:
+    :func:`parse_header` checked that)."""
+    desc_size = (DESC_HEAD.size + header.name_size) * header.num_desc
+    regions = sorted((start, start + size, what) for start, size, what in (
+        (header.id_offset, header.name_size, "id"), (header.desc_offset, desc_size, "descriptors"),
+        (header.data_offset, data_size, "data")) if size)
+    for (_, end, what), (start, _, other) in zip(regions, regions[1:]):
+        if start < end:
+            raise StatsFormatError(f"stats {what} and {other} overlap (at byte {start})")
 
 
 def _cstring(raw: bytes) -> str:
@@ -95,6 +114,8 @@ def _parse_desc(raw: bytes, pos: int, name_size: int, skipped: list[str]) -> tup
     if not name:
         skipped.append(f"descriptor at {pos}: empty name")
         return None
+    if not (name.isascii() and name.isidentifier()):  # the kernel's are C identifiers; these reach terminals
+        raise StatsFormatError(f"stats descriptor name {name!r} is not an identifier")
     try:
         stat_type = StatType(flags & TYPE_MASK)
         unit = StatUnit((flags & UNIT_MASK) >> UNIT_SHIFT)
@@ -108,9 +129,8 @@ def _parse_desc(raw: bytes, pos: int, name_size: int, skipped: list[str]) -> tup
     if size == 0 or (not stat_type.is_histogram and size != 1):
         skipped.append(f"{name}: size {size} does not fit type {stat_type.name}")
         return None
-    if offset % U64 or offset + size * U64 > MAX_BLOCK:
-        skipped.append(f"{name}: offset {offset} out of range")
-        return None
+    if offset % U64 or offset + size * U64 > MAX_DATA:
+        raise StatsFormatError(f"stats descriptor {name}: offset {offset} or size {size} out of range")
     desc = StatDesc(name, stat_type, unit, base, exponent, size, bucket_size)
     return desc, offset
 
@@ -122,6 +142,7 @@ def parse_layout(header: Header, id_raw: bytes, desc_raw: bytes) -> StatsLayout:
         raise StatsFormatError(
             f"stats descriptors truncated: {len(desc_raw)} of {step * header.num_desc} bytes"
         )
+    _check_regions(header, 0)
     skipped: list[str] = []
     placed: list[tuple[StatDesc, int]] = []
     seen: set[str] = set()
@@ -134,7 +155,19 @@ def parse_layout(header: Header, id_raw: bytes, desc_raw: bytes) -> StatsLayout:
             continue
         seen.add(parsed[0].name)
         placed.append(parsed)
-    return StatsLayout(_cstring(id_raw), placed, header.data_offset, skipped)
+    _check_overlaps(placed)
+    layout = StatsLayout(_cstring(id_raw), placed, header.data_offset, skipped)
+    _check_regions(header, layout.data_size)
+    return layout
+
+
+def _check_overlaps(placed: list[tuple[StatDesc, int]]) -> None:
+    """Two descriptors on the same words would make the values lie (and the unpack fail)."""
+    by_offset = sorted(placed, key=lambda pair: pair[1])
+    for (desc, offset), (other, other_offset) in zip(by_offset, by_offset[1:]):
+        if other_offset < offset + desc.size * U64:
+            raise StatsFormatError(f"stats descriptors {desc.name} and {other.name} overlap (at byte {other_offset} "
+                                   "of the data)")
 
 
 def _pread_exact(fd: int, size: int, offset: int, what: str) -> bytes:
@@ -145,11 +178,11 @@ def _pread_exact(fd: int, size: int, offset: int, what: str) -> bytes:
 
 
 def read_layout(fd: int) -> StatsLayout:
-    """Parse header, id and descriptors of a stats fd: once per fd."""
+    """Parse header, id and descriptors of a stats fd and check its data block is whole: once per fd."""
     header = parse_header(_pread_exact(fd, HEADER.size, 0, "header"))
     id_raw = _pread_exact(fd, header.name_size, header.id_offset, "id")
     desc_size = (DESC_HEAD.size + header.name_size) * header.num_desc
-    if desc_size > MAX_BLOCK:
-        raise StatsFormatError(f"stats descriptor block of {desc_size} bytes out of range")
     desc_raw = _pread_exact(fd, desc_size, header.desc_offset, "descriptors")
-    return parse_layout(header, id_raw, desc_raw)
+    layout = parse_layout(header, id_raw, desc_raw)
+    _pread_exact(fd, layout.data_size, layout.data_offset, "data")  # every descriptor's words are there
+    return layout

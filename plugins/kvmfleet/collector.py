@@ -13,7 +13,13 @@ each live VM's contribution held monotonic (a counter read lower than before, e.
 fd was dropped, counts as its previous value); instant values (``pages_4k``, ``guest_mode``) are
 the sum over live VMs; peak values the maximum ever seen.
 
-A VM is one series per :class:`VMKey` (pid, process start time, VM fd): a restarted VM is new.
+A VM is one series per :class:`VMKey` (pid, process start time, VM fd): a restarted VM is new. A VM
+(or vCPU) that comes back under the same key after it was retired (its fds were dropped for a while, or
+its VMM closed and reopened them) is taken back out of the retired sums: it is never counted twice.
+
+A VM's reading with values no VMM could produce (:mod:`kvmfleet.plausible`), or that cannot be read at
+all, is refused: the VM is left out of that sample (``Sample.refused`` names it) and the host totals
+keep its last accepted values, neither growing nor dropping; the other VMs are counted as usual.
 """
 
 from __future__ import annotations
@@ -21,11 +27,15 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, TypeVar
 
+from .logsay import SayOnce
 from .model import StatDesc, Stats, StatType, Value, VMIdentity, VMKey, VMReading
+from .plausible import PlausibilityGate
 from .sources.base import Source
-from .statblock import MergedStats, StatBlock, add_values, combine, scalar_items, sum_blocks
+from .statblock import MergedStats, StatBlock, add_values, combine, scalar_items, sub_values, sum_blocks
+
+GONE_SAMPLES = 1000  # a VM or vCPU retired this many samples ago is not expected back under its key
 
 
 @dataclass
@@ -48,6 +58,7 @@ class Sample:
     vms: list[VMSample]
     duration_s: float = 0.0
     retired_vms: int = 0  # VMs that vanished since the previous sample
+    refused: list[VMIdentity] = field(default_factory=list)  # VMs read but left out: implausible or unreadable
 
     @property
     def vcpu_count(self) -> int:
@@ -101,6 +112,19 @@ class HostStats(Mapping[str, Value]):
         return len(self.scalars) + len(self._hist_names)
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _drop_older(gone: dict[K, tuple[int, V]], oldest: int) -> None:
+    """Drop the entries numbered ``oldest`` or less from the front of ``gone`` (kept in number order)."""
+    while gone:
+        first = next(iter(gone))
+        if gone[first][0] > oldest:
+            return
+        del gone[first]
+
+
 class HostTotals:
     """Monotonic host totals over VMs that come and go (see the module docstring)."""
 
@@ -110,16 +134,24 @@ class HostTotals:
         self._peaks: dict[str, int] = {}
         self._floor: dict[str, int] = {}  # cumulative totals never go below what was reported
         self.descs: dict[str, StatDesc] = {}
+        self._samples = 0
+        self._gone_vms: dict[VMKey, tuple[int, VMSample]] = {}  # retired, by sample number, oldest first
+        self._gone_vcpus: dict[tuple[VMKey, int], tuple[int, Stats]] = {}
 
-    def _retire(self, parts: Iterable[Stats]) -> None:
+    def _fold(self, parts: Iterable[Stats], subtract: bool = False) -> None:
+        """Add the cumulative values of ``parts`` to the retired sums (or take them back out)."""
         for part in parts:
             for name, value in part.items():
                 desc = self.descs.get(name)
                 if desc is None or desc.type.is_cumulative:
-                    self._retired[name] = add_values(self._retired.get(name), value)
+                    old = self._retired.get(name)
+                    self._retired[name] = sub_values(old, value) if subtract and old is not None \
+                        else add_values(old, value)
 
-    def update(self, vms: list[VMSample]) -> tuple[Stats, int]:
-        """(host totals, number of VMs retired by this update)."""
+    def update(self, vms: list[VMSample], held: Iterable[VMKey] = ()) -> tuple[Stats, int]:
+        """(host totals, number of VMs retired by this update). ``held``: VMs alive but refused this time,
+        counted with their last accepted sample (a VM refused before it was ever accepted counts nothing)."""
+        vms = vms + [self._last[key] for key in held if key in self._last]
         gone = self._track(vms)
         groups = self._groups(vms)
         scalars = self._scalars(groups)
@@ -141,17 +173,39 @@ class HostTotals:
             if vm.descs is not self._last.get(vm.identity.key, vm).descs or not self.descs:
                 for name, vm_desc in vm.descs.items():
                     self.descs.setdefault(name, vm_desc)
+        self._samples += 1
         live = {vm.identity.key: vm for vm in vms}
         gone = [key for key in self._last if key not in live]
         for key in gone:
-            self._retire(self._last.pop(key).parts)
+            self._fold(self._last[key].parts)
+            self._gone_vms[key] = (self._samples, self._last.pop(key))
         for key, vm in live.items():
-            last = self._last.get(key)
-            if last is not None and last.vcpus.keys() - vm.vcpus.keys() and not vm.source.startswith("debugfs"):
-                # vCPUs gone from a live VM (unplugged, or their fds dropped): keep what they counted
-                self._retire([last.vcpus[vcpu] for vcpu in last.vcpus.keys() - vm.vcpus.keys()])
+            last = self._last.get(key) or self._back(key)
+            if vm.source.startswith("debugfs"):
+                continue  # its VM stats hold its vCPUs' already: they are detail, never retired alone
+            before = last.vcpus if last is not None else {}
+            for vcpu in before.keys() - vm.vcpus.keys():  # gone from a live VM (unplugged, fds dropped): keep counts
+                self._fold([before[vcpu]])
+                self._gone_vcpus[(key, vcpu)] = (self._samples, before[vcpu])
+            for vcpu in vm.vcpus.keys() - before.keys():
+                gone_vcpu = self._gone_vcpus.pop((key, vcpu), None)
+                if gone_vcpu is not None:  # back: its counts are live again, not retired
+                    self._fold([gone_vcpu[1]], subtract=True)
         self._last = live
+        self._forget_long_gone()
         return len(gone)
+
+    def _back(self, key: VMKey) -> VMSample | None:
+        """A VM seen again after it was retired: its last sample, taken back out of the retired sums."""
+        gone = self._gone_vms.pop(key, None)
+        if gone is None:
+            return None
+        self._fold(gone[1].parts, subtract=True)
+        return gone[1]
+
+    def _forget_long_gone(self) -> None:
+        _drop_older(self._gone_vms, self._samples - GONE_SAMPLES)
+        _drop_older(self._gone_vcpus, self._samples - GONE_SAMPLES)
 
     def _groups(self, vms: list[VMSample]) -> list[Stats]:
         """The live VMs' stats summed like with like: parts of one shape column-wise, the rest (debugfs dicts)
@@ -200,18 +254,34 @@ class Collector:
     """Reads a source and produces :class:`Sample` objects; one per call of :meth:`sample`."""
 
     def __init__(self, source: Source, wall_clock: Callable[[], int] = time.time_ns,
-                 mono_clock: Callable[[], float] = time.monotonic) -> None:
+                 mono_clock: Callable[[], float] = time.monotonic, say: SayOnce | None = None) -> None:
         self.source = source
         self._totals = HostTotals()
+        self.gate = PlausibilityGate(say)
         self._wall = wall_clock
         self._mono = mono_clock
 
     def sample(self) -> Sample:
         time_ns, start = self._wall(), self._mono()
-        vms = [vm_sample(reading) for reading in self.source.read()]
-        host, retired = self._totals.update(vms)
+        vms, refused = self._admit(self.source.read(), start)
+        host, retired = self._totals.update(vms, [ident.key for ident in refused])
         return Sample(time_ns, start, self.source.name, host, dict(self._totals.descs), vms,
-                      self._mono() - start, retired)
+                      self._mono() - start, retired, refused)
+
+    def _admit(self, readings: list[VMReading], now: float) -> tuple[list[VMSample], list[VMIdentity]]:
+        """(the readings that pass the plausibility gate, as VM samples; the VMs refused). An error with one VM's
+        values is that VM's alone: it is refused, the others are counted."""
+        vms, refused = [], []
+        for reading in readings:
+            try:
+                if self.gate.check(reading, now):  # first: stat blocks that did not change are not unpacked again
+                    vms.append(vm_sample(reading))
+                    continue
+            except Exception as err:
+                self.gate.unreadable(reading.identity, err)
+            refused.append(reading.identity)
+        self.gate.forget_except({reading.identity.key for reading in readings})
+        return vms, refused
 
     def close(self) -> None:
         self.source.close()

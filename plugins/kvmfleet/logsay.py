@@ -23,6 +23,13 @@ class SayOnce:
         self._logger.log(logging.DEBUG if self._quiet else level, "%s", message)
         return True
 
+    def first(self, key: str, message: str, level: int = logging.WARNING) -> bool:
+        """Say only the first message for ``key``: for reasons whose details (values, file names) a hostile
+        process could vary at every sample to flood the log."""
+        if key in self._said:
+            return False
+        return self(key, message, level)
+
     def forget(self, key: str) -> None:
         """The condition behind ``key`` is over: say it again if it comes back."""
         self._said.pop(key, None)

@@ -11,9 +11,11 @@ import ctypes
 import errno
 import os
 import re
+import time
 from dataclasses import dataclass
 
 SYS_PIDFD_GETFD = 438  # x86_64 and the generic table alike
+CLK_TCK = os.sysconf("SC_CLK_TCK")  # the unit of process start times
 _GONE = (errno.ENOENT, errno.ESRCH)
 
 # readlink(/proc/<pid>/fd/<n>) of the fds a VMM holds (virt/kvm/kvm_main.c names them)
@@ -39,6 +41,11 @@ def start_time(pid: int, proc: str = "/proc") -> int | None:
         return int(rest[19])
     except (IndexError, ValueError):
         return None
+
+
+def uptime_ticks() -> int:
+    """Clock ticks since boot (CLOCK_BOOTTIME, like start times): ``uptime_ticks() - start_time`` is an age."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * CLK_TCK)
 
 
 def cmdline(pid: int, proc: str = "/proc") -> list[str]:

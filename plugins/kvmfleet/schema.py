@@ -87,6 +87,8 @@ AGENT_FIELDS: tuple[Field, ...] = (
     Field("points", "integer", "lines this sample produced, this one included"),
     Field("dispatched", "integer", "values this sample dispatched into collectd"),
     Field("read_failures", "integer", "reads that failed (logged; cumulative)"),
+    Field("vms_refused", "integer", "VMs left out of this sample because a value was implausible or unreadable "
+                                    "(a hostile or broken VMM; logged once each, see docs/statistics.md)"),
 )
 # The shipping counters among AGENT_FIELDS (present only when the agent ships).
 AGENT_SHIP_FIELDS = ("sent", "buffered", "dropped", "dropped_rejected", "retries", "last_error", "spool_loaded")

@@ -29,6 +29,7 @@ class Shape:
         self.nwords = max((index + desc.size for desc, index in placed), default=0)
         scalars = [(desc, index) for desc, index in placed if not desc.type.is_histogram]
         self.scalar_names = tuple(desc.name for desc, _ in scalars)
+        self.scalar_words = tuple(index for _, index in scalars)  # where each scalar is in the data block
         self.scalar_index = {name: i for i, name in enumerate(self.scalar_names)}
         self.peaks = tuple(i for i, (desc, _) in enumerate(scalars) if desc.type is StatType.PEAK)
         # one struct call unpacks the scalars and skips histogram buckets (and unknown stats) as padding
@@ -72,6 +73,23 @@ class StatBlock(Mapping[str, Value]):
     def from_data(cls, shape: Shape, data: bytes) -> StatBlock:
         """Values from a data block as pread from a stats fd (at least ``shape.nwords`` words)."""
         return cls(shape, None, data)
+
+    @property
+    def data(self) -> bytes | None:
+        """The data block as read from the fd (None for a sum of blocks)."""
+        source = self._hist_from
+        return source if isinstance(source, bytes) else None
+
+    def same_data_as(self, other: Mapping[str, Value]) -> bool:
+        """True if ``other`` was read from the same bytes in the same shape; it then lends its unpacked values:
+        an fd whose stats did not change since the last sample is not unpacked again."""
+        data = self._hist_from
+        if not isinstance(data, bytes) or not isinstance(other, StatBlock) or other.shape is not self.shape \
+                or other._hist_from != data:
+            return False
+        if self._scalars is None:
+            self._scalars = other._scalars
+        return True
 
     @property
     def scalars(self) -> Words:
@@ -141,6 +159,15 @@ def add_values(a: Value | None, b: Value) -> Value:
     if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
         return tuple(x + y for x, y in zip(a, b))
     return b  # a histogram that changed shape (a new kernel): take the newer one
+
+
+def sub_values(a: Value, b: Value) -> Value:
+    """``a - b``, the inverse of :func:`add_values` (``a`` if their shapes differ)."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a - b
+    if isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b):
+        return tuple(x - y for x, y in zip(a, b))
+    return a
 
 
 def combine(parts: Sequence[Mapping[str, Value]], descs: Mapping[str, StatDesc]) -> Mapping[str, Value]:

@@ -8,6 +8,9 @@ from typing import Any
 
 from .collector import Rates, Sample, VMSample
 from .model import Stats, Usability, Value
+from .textsafe import for_terminal, one_line, shortened
+
+NAME_CHARS = 200  # a VM name longer than this is cut in text output (a guest owner chooses it)
 
 
 def _filtered(stats: Stats, pattern: re.Pattern[str] | None) -> Stats:
@@ -62,6 +65,7 @@ def sample_json(sample: Sample, rates: Rates | None, sources: dict[str, Usabilit
         "host": _json_stats(sample.host, pattern),
         "rates": _json_rates(rates.host, pattern) if rates else {},
         "vms": vms,
+        "refused": [{"name": ident.name, "pid": ident.key.pid, "vm_fd": ident.key.vm_fd} for ident in sample.refused],
     }
 
 
@@ -70,22 +74,31 @@ def _table(title: str, stats: Stats, rates: dict[str, float] | None, pattern: re
     for name, value in _filtered(stats, pattern).items():
         shown = " ".join(str(v) for v in value) if isinstance(value, tuple) else str(value)
         rate = "" if rates is None or name not in rates else f"{rates[name]:>12.0f}"
-        lines.append(f" {name:<32} {shown:>16} {rate}".rstrip())
+        lines.append(f" {for_terminal(name):<32} {shown:>16} {rate}".rstrip())
     return lines
 
 
+def _shown(name: str) -> str:
+    """A name from outside (a VMM's command line or comm) as the terminal may show it."""
+    return for_terminal(shortened(name, NAME_CHARS))
+
+
 def _vm_title(vm: VMSample) -> str:
-    uuid = f" uuid {vm.identity.uuid}" if vm.identity.uuid else ""
-    return (f"VM {vm.identity.name} ({vm.identity.vmm}, pid {vm.identity.key.pid}{uuid}, "
-            f"source {vm.source}, {len(vm.vcpus)} vCPUs seen)")
+    """Name, VMM kind and UUID come from the VMM's command line and comm: escaped for the terminal."""
+    ident = vm.identity
+    uuid = f" uuid {_shown(ident.uuid)}" if ident.uuid else ""
+    return (f"VM {_shown(ident.name)} ({_shown(ident.vmm)}, pid {ident.key.pid}{uuid}, source {vm.source}, "
+            f"{len(vm.vcpus)} vCPUs seen)")
 
 
 def sample_text(sample: Sample, rates: Rates | None, sources: dict[str, Usability], *, per_vm: bool,
                 vcpus: bool, pattern: re.Pattern[str] | None) -> str:
-    unusable = [f"{name}: {state.reason}" for name, state in sources.items() if not state]
+    unusable = [f"{name}: {one_line(state.reason)}" for name, state in sources.items() if not state]
     header = (f"kvm statistics: host totals, source {sample.source}, {len(sample.vms)} VMs, {sample.vcpu_count} vCPUs"
               + ("" if rates is None else f", rates over {rates.interval_s:.1f} s"))
-    lines = [header, *(f"  (unusable: {why})" for why in unusable), ""]
+    refused = [f"  (refused: VM {_shown(ident.name)}, pid {ident.key.pid}: implausible or "
+               "unreadable values, left out; the log says why)" for ident in sample.refused]
+    lines = [header, *(f"  (unusable: {why})" for why in unusable), *refused, ""]
     lines.append(f" {'counter':<32} {'total':>16} {'' if rates is None else 'per second':>12}".rstrip())
     lines += _table("", sample.host, rates.host if rates else None, pattern)[1:]
     for vm in sample.vms if per_vm or vcpus else []:

@@ -22,6 +22,15 @@ def for_terminal(text: object) -> str:
     return "".join(_ESCAPES.get(ch) or (ch if ch.isprintable() else _escape(ch)) for ch in s)
 
 
+def one_line(text: object) -> str:
+    """``text`` with every character that is not printable written as an escape, backslashes kept: for messages
+    and other text that is not a name (a server's words, a regex), shown on one line without driving a terminal."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(ch if ch.isprintable() else _ESCAPES.get(ch) or _escape(ch) for ch in s)
+
+
 def _escape(ch: str) -> str:
     code = ord(ch)
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
@@ -34,3 +43,10 @@ def for_markdown(text: object) -> str:
     for ch in "`*_[]|#":
         s = s.replace(ch, "\\" + ch)
     return s
+
+
+def shortened(text: object, limit: int) -> str:
+    """``text`` cut after ``limit`` characters, saying how many more there were: a 64 KiB name must not push
+    everything else off the screen or out of a log line."""
+    s = str(text)
+    return s if len(s) <= limit else f"{s[:limit]}...(+{len(s) - limit} characters)"

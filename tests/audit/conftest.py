@@ -27,13 +27,14 @@ def audit_influx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfluxDB1
 
 
 def write_fleet(server: InfluxDB1, hosts: Sequence[sy.HostSpec], minutes: int = 60, step: int = 10,
-                db: str | None = None, rp: str | None = None) -> str:
-    """A new database holding ``hosts`` over the last ``minutes`` (ending now); returns its name."""
+                db: str | None = None, rp: str | None = None, ago: int = 0) -> str:
+    """A new database (or ``db``) holding ``hosts`` over ``minutes`` ending ``ago`` seconds before now; returns
+    its name."""
     name = db or f"audit{next(_db_numbers)}"
     server.create_database(name)
     if rp:
         server.query(f'CREATE RETENTION POLICY "{rp}" ON "{name}" DURATION 0s REPLICATION 1')
-    end = int(time.time()) // step * step
+    end = (int(time.time()) - ago) // step * step
     sy.post_lines(server.url, name, sy.fleet_lines(hosts, end, minutes * 60, step), rp=rp)
     return name
 

@@ -13,6 +13,7 @@ from tests.audit.conftest import audit, triples, write_fleet
 from tests.support import synthetic as sy
 from tests.support.servers import InfluxDB1, StubHTTPServer, free_port, make_self_signed_cert
 
+from kvmfleet.audit.client import AuditError
 from kvmfleet.cli import main
 from kvmfleet.querypack import QueryParams, load_queries
 
@@ -135,8 +136,9 @@ def test_host_regex_and_retention_policy(audit_influx: InfluxDB1) -> None:
     result = audit(audit_influx, db, host_regex="^dc1-", retention_policy="rp1", only=["shadow-paging"])
     assert triples(result) == {("dc1-shadow", "shadow-paging", "critical")}
     assert set(result.hosts) == {"dc1-shadow", "dc1-ept"}
-    # the default retention policy of that database is empty
-    assert audit(audit_influx, db).hosts == {}
+    # the default retention policy of that database is empty: nothing seen is an error, not a clean fleet
+    with pytest.raises(AuditError, match=r"no kvm samples for hosts matching \.\* in the last 1h .*retention policy"):
+        audit(audit_influx, db)
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -192,6 +194,26 @@ def test_cli_html_report_is_self_contained_with_charts(audit_influx: InfluxDB1, 
     assert section.count("<svg") >= 3 and "mmu_pte_write /s" in section and "invlpg /s" in section
     assert "<polyline" in section
     assert 'id="host-halt-1"' in html and "halt_poll_fail_ns /s" in html
+
+
+def test_cli_output_follows_no_link(audit_influx: InfluxDB1, scenario: str, tmp_path: Path,
+                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """--output: links planted at the report's path and at the temp name the audit once used are not followed."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me\n")
+    report = tmp_path / "audit.json"
+    report.symlink_to(victim)
+    (tmp_path / f"audit.json.tmp{os.getpid()}").symlink_to(victim)
+    rc, out, err = _cli(capsys, "audit", "--url", audit_influx.url, "--database", scenario, "--format", "json",
+                        "-o", str(report))
+    assert rc == 1 and out == ""
+    assert re.fullmatch(rf"kvmfleet audit: report written to {re.escape(str(report))}: \d+ critical, \d+ warning\n",
+                        err), err
+    assert victim.read_text() == "keep me\n"
+    assert not report.is_symlink() and json.loads(report.read_text())["findings"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert report.stat().st_mode & 0o777 == 0o644 & ~umask
 
 
 def test_cli_errors_exit_2(audit_influx: InfluxDB1, scenario: str, tmp_path: Path,
@@ -278,13 +300,12 @@ def test_bucket_token_and_tls_verification(tmp_path: Path, capsys: pytest.Captur
                 token]
         rc, _, err = _cli(capsys, *args)
         assert rc == 2 and "TLS" in err and not seen  # self-signed: refused
-        rc, out, err = _cli(capsys, *args, "--ca-file", cert)
-        assert rc == 0, err
-        assert "No findings." in out
+        rc, _, err = _cli(capsys, *args, "--ca-file", cert)
+        assert rc == 2 and "no kvm samples for hosts matching" in err, err  # verified, asked, and answered: empty
         method, path, headers, body = seen[0]
         assert method == "POST" and path == "/influx/query"
         assert headers.get("Authorization") == "Token s3cr3t-token"
         form = urllib.parse.parse_qs(body.decode())
         assert form["db"] == ["kvm/autogen"] and "s3cr3t" not in path and "s3cr3t" not in body.decode()
         rc, _, err = _cli(capsys, *args, "--no-verify-tls")
-        assert rc == 0, err
+        assert rc == 2 and "no kvm samples" in err, err

@@ -91,8 +91,9 @@ class FakeRunner:
 
 
 def run(canned: Canned, **kw: Any) -> tuple[AuditResult, FakeRunner]:
+    """The audit of ``canned`` just after its last samples (no host stale, unless ``now`` says otherwise)."""
     runner = FakeRunner(canned)
-    return audit_with(runner, AuditOptions(rules=load_rules(), **kw), source="fake"), runner
+    return audit_with(runner, AuditOptions(rules=load_rules(), **{"now": T0 + SPAN + 10, **kw}), source="fake"), runner
 
 
 def triples(result: AuditResult) -> set[tuple[str, str, str]]:
@@ -107,7 +108,8 @@ TDP = {"tdp_state": "enabled", "vcpus": 4, "cpu_ept": True, "ept_param": True}
 
 
 def test_the_stages_by_name() -> None:
-    assert [name for name, _ in STAGES] == ["fleet", "resets", "screen", "detail", "vms", "evaluate", "charts"]
+    assert [name for name, _ in STAGES] == ["fleet", "fresh", "resets", "screen", "detail", "vms", "evaluate",
+                                            "charts"]
 
 
 def test_shadow_paging_host() -> None:
@@ -197,9 +199,11 @@ def test_charts_for_the_hosts_with_findings() -> None:
 
 
 def test_no_hosts_and_bad_options() -> None:
-    result, runner = run(Canned())
-    assert result.hosts == {} and result.findings == [] and runner.asked() == [FLEET_STAGE]
-    assert result.fleet == {"hosts": 0, "hosts_with_exits": 0}
+    runner = FakeRunner(Canned())
+    with pytest.raises(AuditError, match=r"^no kvm samples for hosts matching \^hv- in the last 2h in fake: are the "
+                                         r"collectors running\? is the database \(and retention policy\) right\?$"):
+        audit_with(runner, AuditOptions(rules=load_rules(), window="2h", host_regex="^hv-"), source="fake")
+    assert runner.asked() == [FLEET_STAGE]  # nothing seen: not a clean fleet, and nothing more asked
     runner = FakeRunner(Canned())
     with pytest.raises(AuditError, match="without a definition: nope"):
         audit_with(runner, AuditOptions(rules=load_rules(), only=["nope"]))

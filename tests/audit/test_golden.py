@@ -121,11 +121,19 @@ class _Client:
                  for s in stmt] for stmt in self.answers[statements]]
 
 
+def _recorded_now(answers: dict[str, Any]) -> float | None:
+    """When the recording was made: its newest sample (the fleet ends then), so that no host is stale in the
+    replay; None while recording (the real time)."""
+    times = [row[s["columns"].index("time")] for stmts in answers.values() for stmt in stmts for s in stmt
+             if "time" in s["columns"] for row in s["values"]]
+    return max(times) if times and not RECORD else None
+
+
 def _run(client: _Client, config: str, monkeypatch: pytest.MonkeyPatch) -> AuditResult:
     kw, sets, per_query, _ = CONFIGS[config]
     if per_query is not None:
         monkeypatch.setattr(runner, "HOSTS_PER_QUERY", per_query)
-    options = AuditOptions(window="1h", rules=load_rules(sets=sets), **kw)
+    options = AuditOptions(window="1h", rules=load_rules(sets=sets), now=_recorded_now(client.answers), **kw)
     result = run_audit(client, options, source="http://influxdb.golden:8086 database golden")  # type: ignore[arg-type]
     result.elapsed_s = 0.25  # what varies from run to run
     result.started_at = 1_700_000_000.0

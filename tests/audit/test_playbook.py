@@ -1,5 +1,6 @@
 """playbooks/audit.yml with the real ansible-playbook against a real InfluxDB 1.6 (auth on): the report is written,
-the secret goes through a temp 0600 file that is removed, and the play fails on findings unless told otherwise."""
+the secret goes through a temp 0600 file that is removed, the play fails on findings unless told otherwise, and
+always when the audit could not tell (exit 2), with the audit's own line."""
 
 from __future__ import annotations
 
@@ -75,6 +76,21 @@ def test_playbook_writes_the_report_and_fails_on_findings(auth_influx: InfluxDB1
     assert [(f["host"], f["severity"]) for f in doc["findings"] if f["rule"] == "shadow-paging"] == [
         ("pb-shadow", "warning")]
     assert doc["thresholds_overridden"] == {"shadow-paging": {"critical_per_exit": 0.9}}
+
+
+def test_playbook_fails_with_the_audits_line_when_it_cannot_tell(auth_influx: InfluxDB1, tmp_path: Path) -> None:
+    """Exit 2 (no data, a stale host) fails the play with the audit's own line, even when findings would not."""
+    r = _play(tmp_path, auth_influx, kvmfleet_audit_host_regex="^nothing-here$", kvmfleet_audit_fail_on_findings=False,
+              kvmfleet_audit_report=str(tmp_path / "none.html"))
+    assert r.returncode != 0, r.stdout[-3000:]
+    assert ("kvmfleet audit could not tell (exit status 2): kvmfleet audit: error: no kvm samples for hosts matching "
+            "^nothing-here$ in the last 15m") in r.stdout, r.stdout[-3000:]
+    r = _play(tmp_path, auth_influx, kvmfleet_audit_stale_after="1s", kvmfleet_audit_fail_on_findings=False,
+              kvmfleet_audit_report=str(tmp_path / "stale.json"), kvmfleet_audit_format="json")
+    assert r.returncode != 0, r.stdout[-3000:]
+    assert ("kvmfleet audit could not tell (exit status 2): kvmfleet audit: error: 2 of 2 hosts stale (no sample "
+            "in the last 1s): pb-ept, pb-shadow") in r.stdout, r.stdout[-3000:]
+    assert [s["host"] for s in json.loads((tmp_path / "stale.json").read_text())["stale"]] == ["pb-ept", "pb-shadow"]
 
 
 def test_playbook_fails_clearly_on_errors(auth_influx: InfluxDB1, tmp_path: Path) -> None:

@@ -80,6 +80,17 @@ def test_exact_hosts_regex_matches_only_those_names() -> None:
     assert not rx.match("hv-10.dc1") and not rx.match("hvX1.dc1") and not rx.match("hv-1.dc12")
 
 
+def test_exact_hosts_regex_of_names_with_control_characters_stays_on_one_line() -> None:
+    """Any hypervisor writes its host name: a newline in one must not stop the audit's detail queries."""
+    names = ["nl\\\nname", "esc\x1b[2K\x1b[1Ahidden", "cr\rtab\t", "c1\x85nbsp\xa0", "x" * 65_400]
+    literal = regex_literal(exact_hosts_regex(names))  # PackError before: "cannot span lines"
+    assert literal.isprintable()
+    rx = re.compile(exact_hosts_regex(names))
+    assert all(rx.fullmatch(n) for n in names)
+    assert not rx.fullmatch("nl\\nname") and not rx.fullmatch("esc\\x1b[2K\\x1b[1Ahidden")
+    QueryParams(host_regex=exact_hosts_regex(names)).substitutions()
+
+
 def test_split_columns_plain_and_subquery() -> None:
     stmt = "SELECT a AS a, last(b) - first(b) AS b, c FROM \"kvm\" WHERE x = 'y,z' GROUP BY \"host\""
     parts = split_columns(stmt, 2)

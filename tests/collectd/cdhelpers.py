@@ -16,7 +16,9 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+from tests.support.waiting import wait_for  # noqa: F401  (the collectd tests import it from here)
 
 from kvmfleet.collectd_config import render
 
@@ -30,18 +32,6 @@ def collectd_binary() -> str:
         raise RuntimeError("collectd is not installed: the Debian package 'collectd-core' is missing "
                            "(scripts/install-deps)")
     return path
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.25) -> Any:
-    """Poll ``check`` until it returns something truthy; AssertionError naming ``what`` at the timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {result!r})")
-        time.sleep(every)
 
 
 class Collectd:
@@ -142,9 +132,9 @@ class Collectd:
         pattern = str(self.csv_dir / self.hostname / plugin_dir / f"{value_file}-*")
         for path in sorted(glob.glob(pattern)):
             for line in Path(path).read_text().splitlines():
-                if line and line[0].isdigit():
-                    epoch, value = line.split(",")[:2]
-                    rows.append((float(epoch), float(value)))
+                fields = line.split(",")
+                if line[:1].isdigit() and len(fields) >= 2 and fields[1]:  # (a line being written may be partial)
+                    rows.append((float(fields[0]), float(fields[1])))
         return sorted(rows)
 
     def sample_times_ms(self) -> list[int]:

@@ -43,7 +43,8 @@ MISTAKES = {
     "unreadable-secret": ([f'InfluxURL "{URL}"', 'InfluxAPI "v2"', 'Org "o"', 'Bucket "b"',
                            'TokenFile "/nonexistent/kvmfleet.token"'],
                           ['option TokenFile "/nonexistent/kvmfleet.token": expected a readable file holding the '
-                           'token alone on one line (the file cannot be read: No such file or directory)']),
+                           'token alone on one line (the file cannot be read: directory /nonexistent: No such file '
+                           'or directory)']),
     "inline-secret": ([f'Password "{SECRET}"'], ['unknown option Password "***"']),
     "block": (['<Include "x">', '  Pattern "y"', "</Include>"],
               ['option Include "x": expected a simple option line, not a block']),

@@ -26,6 +26,11 @@ def stored_times(db: InfluxDB1, measurement: str = "kvm") -> list[int]:
     return sorted(r["time"] for r in rows)
 
 
+def samples_since(cd: Collectd, t: float) -> list[int]:
+    """The times (ms) of the samples collectd took after ``t`` (epoch seconds)."""
+    return [ms for ms in cd.sample_times_ms() if ms > t * 1000]
+
+
 def all_arrived(db: InfluxDB1, cd: Collectd) -> bool:
     samples = cd.sample_times_ms()
     return bool(samples) and not unmatched(samples, stored_times(db))
@@ -77,7 +82,9 @@ def test_restart_while_influxdb_is_down_spools_and_delivers(guests: Guests, infl
     with first:
         wait_for("first points", lambda: len(stored_times(influxdb)) >= 2, 60)
         influxdb.stop(kill=True)
-        time.sleep(4)
+        down_at = time.time()
+        wait_for("4 samples taken while InfluxDB is down", lambda: samples_since(first, down_at), 30,
+                 until=lambda ts: len(ts) >= 4)  # 5 lines or more each: what the spool must hold
         first.stop()
     spooled = first.log_lines("spooled")
     assert spooled and str(spool) in spooled[0], first.log()
@@ -91,9 +98,11 @@ def test_restart_while_influxdb_is_down_spools_and_delivers(guests: Guests, infl
     write_spool(str(spool), lines)
 
     second = Collectd(tmp_path / "cd", opts)  # same config, same csv dir: the samples of both runs
+    started_at = time.time()
     with second:
         wait_for("spool loaded", lambda: second.log_lines("spool: loaded"), 30)
-        time.sleep(3)
+        wait_for("3 samples of the second run while InfluxDB is still down", lambda: samples_since(second, started_at),
+                 30, until=lambda ts: len(ts) >= 3)
         influxdb.start()
         wait_for("samples of both runs in InfluxDB", lambda: all_arrived(influxdb, second), 60, every=1)
         second.stop()

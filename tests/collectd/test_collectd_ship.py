@@ -41,6 +41,27 @@ def influx_points(db: InfluxDB1, measurement: str, where: str = "") -> list[dict
     return db.rows(q, db="kvm")
 
 
+def host_totals_from_vms(vms: dict[Any, dict[int, dict[str, Any]]], times: list[int],
+                         fields: tuple[str, ...] = SUM_FIELDS) -> dict[int, dict[str, Any]]:
+    """The host totals the plugin must have sent at each of ``times``, from each VM's points (``{VM: {time:
+    {field: value}}}``): the sum over the VMs sampled then, plus the last values of every VM that went before (host
+    totals never go backwards; other processes' guests on this machine may come and go while the test runs)."""
+    want: dict[int, dict[str, Any]] = {}
+    for t in times:
+        total = dict.fromkeys(fields, 0)
+        for points in vms.values():
+            if t in points:
+                point = points[t]  # sampled at t
+            elif max(points) < t:
+                point = points[max(points)]  # gone before t: retired with its last values
+            else:
+                continue  # not there yet
+            for f in fields:
+                total[f] += point[f] or 0
+        want[t] = total
+    return want
+
+
 def secrets_nowhere(secret: str, places: list[Path], allowed: set[str], cd: Collectd) -> None:
     """``secret`` is not in collectd's log, not in any process's command line, and every file under ``places``
     that holds it is one of ``allowed`` (the secret files themselves, mode 0600)."""
@@ -85,13 +106,13 @@ def test_v1_influxdb16_exact_counts_totals_and_schema(guests: Guests, influxdb: 
     # host totals equal the sum over every VM on the host (not only ours) at the same timestamp
     host_rows = influx_points(influxdb, "kvm")
     assert len(host_rows) >= 4
-    by_time: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    vm_points: dict[Any, dict[int, dict[str, Any]]] = defaultdict(dict)
     for r in vm_rows:
-        for f in SUM_FIELDS:
-            by_time[r["time"]][f] += r[f] or 0
+        vm_points[(r["vm"], r["vm_uuid"])][r["time"]] = r
+    want = host_totals_from_vms(vm_points, sorted(h["time"] for h in host_rows))
     for h in host_rows:
         assert h["rack"] == AWKWARD_TAG
-        assert {f: h[f] for f in SUM_FIELDS} == dict(by_time[h["time"]]), h["time"]
+        assert {f: h[f] for f in SUM_FIELDS} == want[h["time"]], h["time"]
 
     # one point per host / VM / vCPU per sample, all stamped with the sample's time
     times = sorted(h["time"] for h in host_rows)
@@ -157,11 +178,12 @@ def test_v2_victoriametrics_exact_counts_and_totals(guests: Guests, victoria: Vi
     host = {s["metric"]["__name__"]: dict(zip(s["timestamps"], s["values"]))
             for s in export('{__name__=~"kvm_(halt|mmio)_exits"}')}
     for field in ("halt_exits", "mmio_exits"):
-        sums: dict[int, float] = defaultdict(float)
+        vm_points: dict[Any, dict[int, dict[str, Any]]] = defaultdict(dict)
         for s in export(f'{{__name__="kvm_vm_{field}"}}'):
             for ts, v in zip(s["timestamps"], s["values"]):
-                sums[ts] += v
-        assert host[f"kvm_{field}"] and host[f"kvm_{field}"] == dict(sums)
+                vm_points[(s["metric"]["vm"], s["metric"].get("vm_uuid"))][ts] = {field: v}
+        want = host_totals_from_vms(vm_points, sorted(host[f"kvm_{field}"]), (field,))
+        assert host[f"kvm_{field}"] and host[f"kvm_{field}"] == {t: w[field] for t, w in want.items()}
     facts = export('{__name__="kvm_host_vms"}')
     assert facts and min(facts[0]["values"]) >= len(guests.names)
     # VictoriaMetrics keeps booleans as 1/0 and stores string fields as 0 (text lost): tdp_enabled is there for it

@@ -16,9 +16,11 @@ import shutil
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+from tests.support import synthetic
 from tests.support.servers import InfluxDB1
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -109,6 +111,10 @@ def test_fleet_path(tmp_path: Path) -> None:
     env.pop("ANSIBLE_VAULT_PASSWORD_FILE", None)
     with InfluxDB1(tmp_path / "influx") as influx:
         influx.create_database("kvm")  # the playbook's kvmfleet_influxdb role would have made it
+        # ten minutes of a healthy hypervisor, as its collector would have written (an empty database fails closed)
+        now = int(time.time()) // 10 * 10
+        synthetic.post_lines(influx.url, "kvm", synthetic.fleet_lines([synthetic.make_host("hv01", "ept-idle")],
+                                                                        now, 600))
         run_block("make install && . .venv/bin/activate", tmp_path, env, influx_url=influx.url)
 
     for name in (".kvmfleet-vault.pass", ".kvmfleet-admin.pass"):

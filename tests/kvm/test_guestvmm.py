@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from tests.support.guestfleet import launch_fleet
+from tests.support.waiting import wait_for
 
 from kvmfleet import binstats
 from kvmfleet.guestvmm import (
@@ -79,13 +80,8 @@ def fd_links(pid: int) -> list[str]:
     return links
 
 
-def wait_gone(path: str, timeout: float = 2.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while os.path.exists(path):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+def wait_gone(path: str, timeout: float = 2.0) -> None:
+    wait_for(f"{path} to be gone", lambda: not os.path.exists(path), timeout, every=0.01)
 
 
 def kvm_debugfs_dirs(pid: int) -> list[str]:
@@ -168,10 +164,13 @@ def test_loops_zero_runs_until_sigterm(workload: str) -> None:
         info = guest.wait_ready(30)
         assert info["state"] == "running" and info["loops"] == 0
         counter = "halt_exits" if workload == "halt" else "invlpg"
-        time.sleep(0.1)
-        first = read_stats(guest.pid, info)["vcpu0"][counter]
-        time.sleep(0.2)
-        second = read_stats(guest.pid, info)["vcpu0"][counter]
+
+        def count() -> int:
+            return int(read_stats(guest.pid, info)["vcpu0"][counter])
+
+        first = wait_for(f"vCPU 0's {counter} to count", count, 10, every=0.02)
+        second = wait_for(f"vCPU 0's {counter} to count on past {first}", count, 10, every=0.02,
+                          until=lambda n: n > first)
         assert second > first > 0
         start = time.monotonic()
         guest.terminate()
@@ -233,11 +232,10 @@ def test_sigkill_leaves_nothing_behind() -> None:
     os.close(fd)  # a borrowed fd would pin the VM: close it
     guest.kill()
     assert guest.returncode == -signal.SIGKILL
-    assert wait_gone(f"/proc/{pid}")
-    deadline = time.monotonic() + 2
-    while kvm_debugfs_dirs(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert kvm_debugfs_dirs(pid) == []  # the VM itself is gone from the kernel
+    wait_gone(f"/proc/{pid}")
+    # the VM itself is gone from the kernel
+    wait_for(f"KVM to drop the debugfs directories of pid {pid}", lambda: kvm_debugfs_dirs(pid), 2, every=0.01,
+             until=lambda dirs: dirs == [])
 
 
 def test_sigterm_exits_within_a_second_holding_done_vm() -> None:
@@ -300,7 +298,7 @@ def test_fleet_command_line() -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(10) == 0
         for pid in line["pids"]:
-            assert wait_gone(f"/proc/{pid}")
+            wait_gone(f"/proc/{pid}")
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -393,9 +391,7 @@ def test_vcpu_failure_is_reported(monkeypatch, code: bytes, message: str) -> Non
     try:
         vm.setup()
         vm.start()
-        deadline = time.monotonic() + 10
-        while vm.error is None and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_for("the vCPU's error", lambda: vm.error, 10, every=0.01)
         assert vm.error == message
     finally:
         vm.stop()
@@ -409,10 +405,8 @@ def test_in_process_vm_reads_its_own_stats() -> None:
     try:
         vm.setup()
         vm.start()
-        deadline = time.monotonic() + 10
-        while not vm.all_done and vm.error is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert vm.all_done and vm.error is None
+        wait_for("every vCPU done (or an error)", lambda: vm.all_done or vm.error is not None, 10, every=0.01)
+        assert vm.all_done and vm.error is None, vm.error
         for runner in vm.vcpu_runners:
             assert runner.exit_counts == {"MMIO": 300, "IO": 1}  # as seen by userspace
             assert runner.stats_fd is not None

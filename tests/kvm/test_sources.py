@@ -11,6 +11,7 @@ import time
 
 from tests.support.guestfleet import launch_fleet
 from tests.support.kvmtools import OnlyPids, open_fds
+from tests.support.waiting import wait_for
 
 from kvmfleet.collector import Collector, vm_sample
 from kvmfleet.guestvmm import launch
@@ -130,12 +131,13 @@ def test_fifty_vms_started_and_stopped_while_sampling_leak_nothing():
     source = StatsfdSource(only_pids=pids)
     collector = Collector(source)
     errors: list[BaseException] = []
+    sampled: set[int] = set()  # every pid a sample has read
     done = threading.Event()
 
     def sample_loop():
         try:
             while not done.is_set():
-                collector.sample()
+                sampled.update(vm.identity.key.pid for vm in collector.sample().vms)
                 time.sleep(0.01)
         except BaseException as err:
             errors.append(err)
@@ -147,7 +149,9 @@ def test_fifty_vms_started_and_stopped_while_sampling_leak_nothing():
             with launch_fleet(10, vcpus=2, workload="halt", loops=100, name_prefix=f"t-churn{batch}") as fleet:
                 pids.update(fleet.pids)
                 fleet.wait_ready(60)
-                time.sleep(0.05)
+                # stopped only once sampled: the sampler holds their fds when they go
+                wait_for(f"a sample that read every VM of batch {batch}", lambda: set(fleet.pids) - sampled, 30,
+                         every=0.01, until=lambda missing: not missing or errors)
     finally:
         done.set()
         sampler.join()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator
 
 import pytest
-from tests.support.libvirtd import Domain, Libvirtd
+from tests.support.libvirtd import Domain, Libvirtd, domstats
 from tests.support.realkvm import mark_directory, need_kvm_and_root
+from tests.support.waiting import wait_for
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -31,7 +31,9 @@ def paused(libvirtd: Libvirtd) -> Iterator[Domain]:
     """A 2-vCPU domain that ran SeaBIOS for a moment, then paused: its counters stay put."""
     dom = libvirtd.domain(f"kft{os.getpid()}-paused", vcpus=2)
     try:
-        time.sleep(1.0)  # let SeaBIOS run into its boot loop so counters are not all zero
+        # SeaBIOS runs on vCPU 0: once it counted exits, the counters are not all zero
+        wait_for("SeaBIOS to count some exits", lambda: domstats(dom.name, "vcpu").get("vcpu.0.exits.sum", 0), 30,
+                 every=0.1)
         dom.suspend()
         yield dom
     finally:

@@ -9,6 +9,7 @@ import sys
 import time
 
 from tests.support.libvirtd import Domain, Libvirtd, domstats
+from tests.support.waiting import wait_for
 
 from kvmfleet.collector import Collector
 from kvmfleet.guestvmm import launch
@@ -126,13 +127,12 @@ def test_libvirtd_stopped_during_sampling_then_back(libvirtd: Libvirtd) -> None:
             alone.close()
 
             libvirtd.start()
-            deadline = time.monotonic() + 30
-            while True:
-                names = {vm.identity.name: vm.source for vm in collector.sample().vms}
-                if dom.name in names or time.monotonic() > deadline:
-                    break
-                time.sleep(0.2)
-            assert names == {dom.name: "libvirt", guest.name: "statsfd"}  # the domain survived the restart
+            # the domain is listed all along (source "none"): wait until it is read through libvirt again
+            want = {dom.name: "libvirt", guest.name: "statsfd"}
+            names = wait_for("the domain read through libvirt again and the guest through its stats fds",
+                             lambda: {vm.identity.name: vm.source for vm in collector.sample().vms}, 30, every=0.2,
+                             until=lambda names: names == want and auto.sources_used()["libvirt"].usable)
+            assert names == want  # the domain survived the restart
             assert auto.sources_used()["libvirt"].usable
     finally:
         guest.stop()

@@ -8,6 +8,7 @@ import uuid as uuidlib
 
 import pytest
 from tests.support.qemu import ensure_trixie_qemu_tree, start_qemu
+from tests.support.waiting import wait_for
 
 from kvmfleet.collector import Collector
 from kvmfleet.procfs import borrowed_fd_count
@@ -32,10 +33,9 @@ def test_statsfd_reads_qemu_vcpu_stats_with_identity_from_its_command_line() -> 
         assert vm.source == "statsfd"
         assert sorted(vm.vcpus) == [0, 1]  # QEMU >= 8.1 holds one stats fd per vCPU, none for the VM
         assert source.held_fds() == 2 + 1  # two vCPU stats fds and the pidfd
-        deadline = time.monotonic() + 10
-        while vm.vcpus[0]["exits"] == 0 and time.monotonic() < deadline:  # SeaBIOS starts on vCPU 0
-            time.sleep(0.1)
-            vm = collector.sample().vms[0]
+        # SeaBIOS starts on vCPU 0: wait until it exited and had instructions emulated
+        vm = wait_for("SeaBIOS's exits and emulated instructions on vCPU 0", lambda: collector.sample().vms[0], 10,
+                      every=0.1, until=lambda vm: vm.vcpus[0]["exits"] > 0 and vm.vcpus[0]["insn_emulation"] > 0)
         assert vm.vcpus[0]["exits"] > 0 and vm.vcpus[0]["insn_emulation"] > 0
         assert vm.stats["exits"] == vm.vcpus[0]["exits"] + vm.vcpus[1]["exits"]
         time.sleep(0.3)

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from tests.server.shiphelpers import INFLUX_PASSWORD, INFLUX_USER, secret_file
 from tests.support.servers import BlackholeServer, InfluxDB1, StubHTTPServer, StubRequest, StubResponse
+from tests.support.waiting import wait_for
 
 from kvmfleet.ship import ShipConfigError, make_shipper
 from kvmfleet.ship.buffer import LineBuffer
@@ -96,7 +97,8 @@ def test_outage_every_line_exactly_once(influxdb: InfluxDB1, password_file: str,
     for i in range(10, 40):  # ~1.5 s of outage while the collector keeps submitting
         sh.submit(sample(i))
         time.sleep(0.05)
-    down = sh.stats()
+    down = wait_for("two failed deliveries during the outage", sh.stats, 10, every=0.02,
+                    until=lambda st: st["retries"] >= 2)
     assert down["sent"] == 100 and down["retries"] >= 2 and down["buffered"] == 300, down
     assert "Connection refused" in down["last_error"] or "connection" in down["last_error"].lower()
     influxdb.start()
@@ -137,7 +139,8 @@ def test_blackhole_submit_never_blocks_and_memory_is_bounded(
         durations.append(time.perf_counter() - t0)
         i += 1
         time.sleep(0.01)
-    st = sh.stats()
+    st = wait_for("a write timed out in the blackhole", sh.stats, 10, every=0.02,
+                  until=lambda st: st["retries"] >= 1 and "timed out" in (st["last_error"] or ""))
     assert max(durations) < 0.005, f"slowest submit {max(durations) * 1000:.2f} ms"
     assert st["sent"] == 0 and st["retries"] >= 1 and "timed out" in st["last_error"], st
     assert st["buffered"] <= 2000 + 500  # capacity + one in-flight batch
@@ -169,9 +172,7 @@ def test_stop_during_outage_spools_and_next_shipper_sends(
     influxdb.stop()
     later = [f"kvm_vm,vm=a seq={i}i {10**18 + i}" for i in range(5, 25)]
     sh1.submit(later)
-    deadline = time.monotonic() + 5
-    while sh1.stats()["retries"] < 1 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    wait_for("a failed delivery while InfluxDB is down", sh1.stats, 5, every=0.02, until=lambda st: st["retries"] >= 1)
     st1 = sh1.stop(timeout=2)
     assert st1["sent"] == 5 and st1["spooled"] == 20 and st1["buffered"] == 0, st1
     check_accounting(st1)
@@ -207,10 +208,7 @@ def test_wrong_password_is_a_clear_retryable_error_without_the_secret(
     sh = Shipper(v1(influxdb.url, pw), LineBuffer(100), None, **FAST)
     sh.start()
     sh.submit(["kvm_vm,vm=a x=1i 1", "kvm_vm,vm=a x=2i 2"])
-    deadline = time.monotonic() + 5
-    while sh.stats()["retries"] < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    st = sh.stats()
+    st = wait_for("two deliveries refused with HTTP 401", sh.stats, 5, every=0.02, until=lambda st: st["retries"] >= 2)
     assert st["retries"] >= 2 and st["sent"] == 0 and st["buffered"] == 2 and st["dropped_rejected"] == 0, st
     assert "HTTP 401" in st["last_error"] and wrong not in st["last_error"]
     sh.stop(1)
@@ -328,10 +326,9 @@ def test_stop_interrupts_a_write_stuck_in_a_blackhole(
     sh = Shipper(writer, LineBuffer(100), tmp_path / "s", **FAST)
     sh.start()
     sh.submit([f"m x={i}i {i}" for i in range(10)])
-    deadline = time.monotonic() + 5
-    while sh.stats()["in_flight"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    time.sleep(0.2)
+    # stuck: the batch in flight on a connection the blackhole accepted (and never answers)
+    wait_for("a write stuck in the blackhole", lambda: (sh.stats()["in_flight"], blackhole.accepted), 5, every=0.01,
+             until=lambda state: state[0] > 0 and state[1] >= 1)
     t0 = time.monotonic()
     st = sh.stop(timeout=1.0)
     assert time.monotonic() - t0 < 1.0

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from tests.server.shiphelpers import secret_file
 from tests.support.servers import BlackholeServer, StubHTTPServer, StubRequest, StubResponse, VictoriaMetrics
+from tests.support.waiting import wait_for
 
 from kvmfleet.ship import make_shipper
 from kvmfleet.ship.buffer import LineBuffer
@@ -113,7 +114,8 @@ def test_v2_outage_every_line_exactly_once(victoria: VictoriaMetrics, token_file
     for i in range(5, 25):
         sh.submit(sample(i))
         time.sleep(0.05)
-    down = sh.stats()
+    down = wait_for("two failed deliveries during the outage", sh.stats, 10, every=0.02,
+                    until=lambda st: st["retries"] >= 2)
     assert down["retries"] >= 2 and down["sent"] == 25 and down["buffered"] == 100, down
     victoria.start()
     assert sh.wait_idle(10), sh.stats()
@@ -147,9 +149,7 @@ def test_v2_wrong_token_is_clear_and_secret_free(
         sh = Shipper(v2(stub.url, wrong), LineBuffer(10), None, **FAST)
         sh.start()
         sh.submit(["m x=1i 1"])
-        deadline = time.monotonic() + 5
-        while sh.stats()["retries"] < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for("two deliveries refused with HTTP 401", sh.stats, 5, every=0.02, until=lambda st: st["retries"] >= 2)
         st = sh.stop(1)
     assert st["retries"] >= 2 and st["sent"] == 0 and st["dropped_rejected"] == 0
     assert "HTTP 401" in st["last_error"] and "WRONG-token-42-secret" not in st["last_error"]

@@ -123,16 +123,20 @@ class Libvirtd:
         self._stop(pid, timeout)
 
     def _stop(self, pid: int, timeout: float) -> None:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while os.path.exists(f"/proc/{pid}"):
-            if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                break
-            time.sleep(0.05)
+        """SIGTERM, SIGKILL after ``timeout``; returns once the process is gone (RuntimeError if it stays)."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + timeout
+            while os.path.exists(f"/proc/{pid}"):
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+            else:
+                return
+        raise RuntimeError(f"pid {pid} still runs {timeout:g} s after SIGKILL")
 
     def domain(self, name: str, vcpus: int = 1) -> Domain:
         dom = Domain(name, str(uuidlib.uuid4()), vcpus)

@@ -335,7 +335,10 @@ class QemuProcess:
                     self.popen.wait(timeout)
             if self.pid != self.popen.pid:
                 deadline = time.monotonic() + timeout
-                while _is_qemu(self.pid) and time.monotonic() < deadline:
+                while _is_qemu(self.pid):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"QEMU {self.name!r} (pid {self.pid}) still runs {timeout:g} s after "
+                                           "SIGKILL")
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(self.pid, signal.SIGKILL)
                     time.sleep(0.05)

@@ -326,7 +326,7 @@ class VictoriaMetrics(_ProcessServer):
 
         New series become searchable a moment after the write was acknowledged, even after a force_flush (seen
         with 1.79: empty right after a 204, there 0.5 s later), so this polls until at least ``min_samples``
-        samples are seen or ``timeout`` passes (``min_samples=0``: one look).
+        samples are seen (``min_samples=0``: one look); AssertionError if they are not there within ``timeout``.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -335,8 +335,12 @@ class VictoriaMetrics(_ProcessServer):
             if status != 200:
                 raise ServerError(f"export {match!r}: HTTP {status}: {body[:300]!r}")
             series = [json.loads(line) for line in body.splitlines() if line.strip()]
-            if sum(len(s["values"]) for s in series) >= min_samples or time.monotonic() >= deadline:
+            seen = sum(len(s["values"]) for s in series)
+            if seen >= min_samples:
                 return series
+            if time.monotonic() >= deadline:
+                raise AssertionError(f"timed out after {timeout:g}s waiting for {min_samples} samples of {match} "
+                                     f"in VictoriaMetrics (last: {seen})")
             time.sleep(0.1)
 
 

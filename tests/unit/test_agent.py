@@ -80,6 +80,16 @@ def test_agent_without_shipping_only_dispatches() -> None:
     assert agent.stop() is None
 
 
+def test_agent_counts_the_vms_a_sample_refused() -> None:
+    forged = reading(2, "forged")
+    forged.vm_stats = {"mmu_pte_write": 2**64 - 1}  # past int64: no VMM counts that far
+    agent = Agent(parse_config([]))
+    agent.start("h", source=ListSource([reading(1, "honest"), forged]))
+    st = agent.read()
+    assert (st.vms, st.vms_refused, agent.agent_fields(None)["vms_refused"]) == (1, 1, 1)
+    agent.stop()
+
+
 def test_agent_read_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     class Broken(ListSource):
         def read(self) -> list[VMReading]:

@@ -101,3 +101,69 @@ def test_random_bytes_never_crash_with_anything_but_format_error(raw):
             layout.read(handle.fileno())
         except StatsFormatError:
             pass
+
+
+# -- layouts no kernel makes: refused as a whole, at once (docs/statistics.md, "Hostile VMMs") -------------------
+TWO = [("exits", CUMUL, 0, 1, 0), ("halt_exits", CUMUL, 0, 1, 0)]
+
+
+@pytest.mark.parametrize("descs,offsets,values", [
+    (TWO, [0, 0], [1, 2]),  # two counters on one word
+    ([("log_hist", LOGHIST, 0, 4, 0), ("exits", CUMUL, 0, 1, 0)], [0, 16], [1, 2, 3, 4, 5]),  # inside a histogram
+    ([("exits", CUMUL, 0, 1, 0), ("log_hist", LOGHIST, 0, 4, 0)], [8, 0], [1, 2, 3, 4, 5]),  # out of order
+])
+def test_overlapping_descriptors_are_refused(tmp_path, descs, offsets, values):
+    with pytest.raises(StatsFormatError, match="overlap"):
+        layout_of(stats_file(descs, values, offsets=offsets), tmp_path)
+
+
+def test_descriptor_reaching_past_the_data_is_refused_when_borrowed(tmp_path):
+    raw = stats_file([("exits", CUMUL, 0, 1, 0), ("log_hist", LOGHIST, 0, 32, 0)], [1, 2, 3])  # 31 words short
+    path = tmp_path / "stats"
+    path.write_bytes(raw)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(StatsFormatError, match="data truncated"):
+            read_layout(fd)  # not at the first sample: the fd is refused before anything reads it
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("offsets", [[0, 12], [0, 256 << 10], [0, (1 << 32) - 8]])
+def test_descriptor_offsets_out_of_range_are_refused(tmp_path, offsets):
+    with pytest.raises(StatsFormatError, match="out of range"):
+        layout_of(stats_file(TWO, [1] * 64, offsets=offsets), tmp_path)
+
+
+@pytest.mark.parametrize("header,why", [
+    ({"id_offset": 0}, "id_offset 0 out of range"),  # inside the header
+    ({"desc_offset": 8}, "desc_offset 8 out of range"),
+    ({"desc_offset": 40}, "id and descriptors overlap"),
+    ({"data_offset": 24 + 48 + 64}, "descriptors and data overlap"),
+    ({"data_offset": 30}, "overlap"),
+    ({"data_offset": 4}, "data_offset 4 out of range"),
+])
+def test_header_regions_that_overlap_are_refused(tmp_path, header, why):
+    with pytest.raises(StatsFormatError, match=why):
+        layout_of(stats_file(TWO, [1, 2], **header), tmp_path)
+
+
+@pytest.mark.parametrize("field,value", [(1, 1024), (1, 257), (2, 2049), (2, 60000), (3, 2 << 20)])
+def test_sizes_no_kernel_makes_are_refused(field, value):
+    words = list(HEADER.unpack(stats_file(TWO, [1, 2])[:24]))
+    words[field] = value
+    with pytest.raises(StatsFormatError, match="out of range"):
+        parse_header(HEADER.pack(*words))
+
+
+@pytest.mark.parametrize("name", ["exits\x1b[2J", "a b", "ha\u00eflt", "1st"])
+def test_descriptor_names_that_are_not_identifiers_are_refused(tmp_path, name):
+    with pytest.raises(StatsFormatError, match="not an identifier"):
+        layout_of(stats_file([(name, CUMUL, 0, 1, 0)], [1]), tmp_path)
+
+
+def test_the_kernels_own_layout_passes(tmp_path):
+    """A layout like 6.18's vCPU stats fd (47 descriptors, three 32-bucket histograms) reads as before."""
+    descs = [(f"c{i}", CUMUL, 0, 1, 0) for i in range(44)] + [(f"h{i}", LOGHIST | POW2, 0, 32, 0) for i in range(3)]
+    layout, values = layout_of(stats_file(descs, list(range(140))), tmp_path)
+    assert layout.data_size == 1120 and values["c43"] == 43 and values["h2"] == tuple(range(108, 140))

@@ -114,6 +114,7 @@ def test_threads() -> None:
         b.extend([f"{i}-{j}" for j in range(10)])
     done.set()
     t.join(10)
+    assert not t.is_alive(), "the consumer did not drain the buffer within 10 s"
     assert len(got) + b.dropped == 2000
     assert got == sorted(got, key=lambda s: tuple(int(x) for x in s.split("-")))
 

@@ -79,3 +79,25 @@ def test_rates_skip_new_vms_and_resets():
     assert r.interval_s == 2.0
     assert r.host == {"exits": (307 - 100) / 2}
     assert r.vms == {VMKey(1, 100, 10): {"exits": 100.0}}
+
+
+def test_a_vm_or_vcpu_back_after_it_was_retired_is_not_counted_twice():
+    """Its fds were dropped for a while (an error, or a VMM that closed and reopened them): same key, same counters."""
+    totals = HostTotals()
+
+    def both(a_vcpus, b_exits=50):
+        return [vm_sample(reading(1, {"pages_4k": 1}, a_vcpus)), vm_sample(reading(2, {"exits": b_exits}))]
+
+    assert totals.update(both({0: {"exits": 10}, 1: {"exits": 20}}))[0]["exits"] == 80
+    assert totals.update(both({0: {"exits": 11}}))[0]["exits"] == 81  # vCPU 1 gone: its 20 retired
+    assert totals.update(both({0: {"exits": 12}, 1: {"exits": 25}}))[0]["exits"] == 87  # back, grown: 12 + 25 + 50
+    host, retired = totals.update([vm_sample(reading(2, {"exits": 60}))])  # VM 1 gone whole
+    assert host["exits"] == 97 and retired == 1
+    host, _ = totals.update(both({0: {"exits": 13}, 1: {"exits": 30}}, 61))  # back whole, grown
+    assert host["exits"] == 13 + 30 + 61
+    totals.update([vm_sample(reading(2, {"exits": 62}))])
+    host, _ = totals.update(both({0: {"exits": 14}}, 63))  # back without vCPU 1: its 30 stay retired
+    assert host["exits"] == 14 + 30 + 63 and host["pages_4k"] == 1
+    for _ in range(1001):
+        totals.update([])
+    assert totals._gone_vms == {} and totals._gone_vcpus == {}  # keys that never come back are forgotten

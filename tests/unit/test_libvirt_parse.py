@@ -115,3 +115,11 @@ def test_auto_does_not_ask_libvirt_while_debugfs_reads() -> None:
     auto = AutoSource(debugfs=debugfs, statsfd=Statsfd("statsfd", []), libvirt=libvirt)  # type: ignore[arg-type]
     assert [r.source for r in auto.read()] == ["debugfs", "none"]  # vm200 is listed but unreadable
     assert libvirt.asked == []
+
+
+def test_what_qemu_names_reaches_the_log_escaped(caplog) -> None:
+    """Keys and values come from QEMU's replies: a hostile VMM chooses them (docs/statistics.md, "Hostile VMMs")."""
+    with caplog.at_level(logging.WARNING, "kvmfleet"):
+        parse_stats({"vm.evil\x1b[2J.sum": "\x1b]0;x\x07"}, {}, SayOnce())
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "\x1b" not in said[0] and "vm.evil\\x1b[2J.sum is a str" in said[0], said

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvmfleet.textsafe import for_markdown, for_terminal
+from kvmfleet.textsafe import for_markdown, for_terminal, one_line
 
 
 @pytest.mark.parametrize(("name", "shown"), [
@@ -30,3 +30,9 @@ def test_for_markdown() -> None:
     assert for_markdown("<img src=x onerror=alert(1)>") == "&lt;img src=x onerror=alert(1)&gt;"
     assert for_markdown("a|b*c_d`e[f](g)#") == "a\\|b\\*c\\_d\\`e\\[f\\](g)\\#"
     assert for_markdown("x\ny\x1b") == "x\\ny\\x1b"
+
+
+def test_one_line_escapes_controls_and_keeps_backslashes() -> None:
+    assert one_line("plain ^hv\\d+ text") == "plain ^hv\\d+ text"  # a regex in a message stays as typed
+    assert one_line("error:\n\x1b[2Kgone\r") == "error:\\n\\x1b[2Kgone\\r"
+    assert one_line("sep\u2028x\x9b").isprintable()

@@ -1,7 +1,8 @@
 """Arguments and bodies of ``kvmfleet audit``, ``kvmfleet queries`` and ``kvmfleet explain``.
 
-Exit status of ``audit``: 0 when no finding is at or above ``--fail-on``, 1 when there is one, 2 on errors (bad
-arguments, InfluxDB unreachable, a query refused) with a message on stderr.
+Exit status of ``audit``: 0 when every host reported and no finding is at or above ``--fail-on``, 1 when there is
+one, 2 when the audit cannot tell (bad arguments, InfluxDB unreachable or misbehaving, a query refused, an answer
+it cannot read, no data, a stale host) with one line on stderr.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import argparse
 import os
 import sys
 import textwrap
-from typing import TextIO
+import traceback
+from typing import TYPE_CHECKING, TextIO
 
 from ..querypack import (
     PackError,
     QueryParams,
+    duration_seconds,
     explain_text,
     find_counter,
     get_query,
@@ -22,13 +25,20 @@ from ..querypack import (
     load_queries,
     load_rules,
 )
+from ..replacefile import replace_file
 from ..severity import SEVERITIES
+from ..textsafe import one_line
+
+if TYPE_CHECKING:
+    from .client import Connection
+    from .engine import AuditResult
 
 EXIT_OK, EXIT_FINDINGS, EXIT_ERROR = 0, 1, 2
 
 
 def _err(prog: str, message: str) -> int:
-    print(f"kvmfleet {prog}: error: {message}", file=sys.stderr)
+    """One line on stderr, whatever the message holds (a server's words, a host name), and exit status 2."""
+    print(one_line(f"kvmfleet {prog}: error: {message}"), file=sys.stderr)
     return EXIT_ERROR
 
 
@@ -62,69 +72,116 @@ def add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-plain-http", action="store_true",
                    help="send the token or password to an http:// URL on another machine, unencrypted (refused "
                         "otherwise; https:// and loopback need no such permission)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="per request (default 60)")
+    p.add_argument("--stale-after", default="5m", metavar="DURATION",
+                   help="a host whose newest sample is older is stale: the audit then exits 2, as it cannot tell "
+                        "whether that host is clean (default 5m; an InfluxQL duration)")
+    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="the most one request may take, connect to last byte (default 60)")
     p.add_argument("--parallel", type=int, default=4, metavar="N", help="requests in flight at once (default 4)")
 
 
 def run_audit_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
-    from .client import AuditError, Connection, InfluxQLClient, read_secret_file
-    from .engine import AuditOptions, run_audit
-    from .report import render
+    """The audit and its exit status: 1 means findings and nothing else; whatever keeps the audit from telling
+    (an error, no data, a stale host, an answer it cannot read, even a bug) is 2 with one line on stderr."""
+    from .client import AuditError
 
-    out = out or sys.stdout
     try:
-        if args.bucket and not args.org:
-            return _err("audit", "--bucket needs --org")
-        if args.org and not args.bucket:
-            return _err("audit", "--org goes with --bucket (InfluxDB 2.x); use --database for 1.x")
-        if args.username and not args.password_file:
-            return _err("audit", "--username needs --password-file (secrets are read from files only)")
-        if args.password_file and not args.username:
-            return _err("audit", "--password-file needs --username")
-        if args.parallel < 1:
-            return _err("audit", "--parallel must be at least 1")
-        if args.timeout <= 0:
-            return _err("audit", "--timeout must be > 0")
-        rules = load_rules(args.thresholds, args.set_thresholds)
-        only = None
-        if args.rules:
-            only = [r.strip() for r in args.rules.split(",") if r.strip()]
-            unknown = [r for r in only if r not in rules]
-            if unknown:
-                return _err("audit", f"unknown rule(s) {', '.join(unknown)}; known: {', '.join(rules)}")
-        token = read_secret_file(args.token_file, "--token-file") if args.token_file else None
-        password = read_secret_file(args.password_file, "--password-file") if args.password_file else None
-        conn = Connection(url=args.url, database=args.database, retention_policy=args.retention_policy,
-                          bucket=args.bucket, org=args.org, token=token, username=args.username, password=password,
-                          ca_file=args.ca_file, verify_tls=not args.no_verify_tls,
-                          allow_plain_http=args.allow_plain_http, timeout=args.timeout)
-        if args.ca_file and not os.path.isfile(args.ca_file):
-            return _err("audit", f"--ca-file {args.ca_file!r} does not exist")
-        client = InfluxQLClient(conn)
-        try:
-            options = AuditOptions(window=args.window, host_regex=args.host_regex,
-                                   retention_policy=args.retention_policy, rules=rules, only=only,
-                                   charts=args.format == "html", parallel=args.parallel)
-            result = run_audit(client, options, source=conn.describe())
-        finally:
-            client.close()
-        text = render(result, args.format, args.fail_on)
-        if args.output:
-            tmp = f"{args.output}.tmp{os.getpid()}"
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-            os.replace(tmp, args.output)
-            print(f"kvmfleet audit: report written to {args.output}: "
-                  f"{result.count('critical')} critical, {result.count('warning') - result.count('critical')} "
-                  f"warning", file=sys.stderr)
-        else:
-            out.write(text)
-            out.flush()
+        return _audit(args, out or sys.stdout)
     except (PackError, AuditError) as e:
         return _err("audit", str(e))
     except OSError as e:
         return _err("audit", f"{e.filename or ''}: {e.strerror or e}")
+    except Exception as e:  # a bug, or data no check foresaw: "could not tell", never "findings"
+        return _err("audit", f"internal error, please report it: {_raised_at(e)}")
+
+
+def _audit(args: argparse.Namespace, out: TextIO) -> int:
+    from .client import InfluxQLClient
+    from .engine import AuditOptions, run_audit
+    from .report import render
+
+    problem = _audit_args_problem(args)
+    if problem:
+        return _err("audit", problem)
+    rules = load_rules(args.thresholds, args.set_thresholds)
+    only = [r.strip() for r in args.rules.split(",") if r.strip()] if args.rules else None
+    unknown = [r for r in only or [] if r not in rules]
+    if unknown:
+        return _err("audit", f"unknown rule(s) {', '.join(unknown)}; known: {', '.join(rules)}")
+    conn = _connection(args)
+    client = InfluxQLClient(conn)
+    try:
+        options = AuditOptions(window=args.window, host_regex=args.host_regex, retention_policy=args.retention_policy,
+                               rules=rules, only=only, charts=args.format == "html", parallel=args.parallel,
+                               stale_after=args.stale_after)
+        result = run_audit(client, options, source=conn.describe())
+    finally:
+        client.close()
+    text = render(result, args.format, args.fail_on)
+    if args.output:
+        replace_file(args.output, text.encode("utf-8"))
+    else:
+        out.write(text)
+        out.flush()
+    return _verdict(result, args)
+
+
+def _audit_args_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, before anything is read or asked."""
+    pairs = ((args.bucket and not args.org, "--bucket needs --org"),
+             (args.org and not args.bucket, "--org goes with --bucket (InfluxDB 2.x); use --database for 1.x"),
+             (args.username and not args.password_file,
+              "--username needs --password-file (secrets are read from files only)"),
+             (args.password_file and not args.username, "--password-file needs --username"),
+             (args.parallel < 1, "--parallel must be at least 1"),
+             (args.timeout <= 0, "--timeout must be > 0"))
+    for wrong, message in pairs:
+        if wrong:
+            return message
+    try:
+        duration_seconds(args.stale_after)
+    except PackError as e:
+        return f"--stale-after: {e}"
+    return None
+
+
+def _connection(args: argparse.Namespace) -> Connection:
+    from .client import AuditError, Connection, read_secret_file
+
+    token = read_secret_file(args.token_file, "--token-file") if args.token_file else None
+    password = read_secret_file(args.password_file, "--password-file") if args.password_file else None
+    conn = Connection(url=args.url, database=args.database, retention_policy=args.retention_policy,
+                      bucket=args.bucket, org=args.org, token=token, username=args.username, password=password,
+                      ca_file=args.ca_file, verify_tls=not args.no_verify_tls,
+                      allow_plain_http=args.allow_plain_http, timeout=args.timeout)
+    if args.ca_file and not os.path.isfile(args.ca_file):
+        raise AuditError(f"--ca-file {args.ca_file!r} does not exist")
+    return conn
+
+
+def _verdict(result: AuditResult, args: argparse.Namespace) -> int:
+    """The exit status, and the one line on stderr that says it when there is something to say."""
+    from .report import names_text
+
+    c = result.count("critical")
+    counts = f"{c} critical, {result.count('warning') - c} warning"
+    written = f"report written to {args.output}" if args.output else ""
+    if result.stale:
+        n, hosts = len(result.stale), len(result.hosts)
+        return _err("audit", f"{n} of {hosts} host{'s' if hosts != 1 else ''} stale (no sample in the last "
+                             f"{result.stale_after}): {names_text([st.host for st in result.stale], cut=60)}: the "
+                             f"audit cannot tell whether {'they are' if n != 1 else 'it is'} clean ({counts} "
+                             f"found{'; ' + written if written else ''})")
+    if written:
+        print(one_line(f"kvmfleet audit: {written}: {counts}"), file=sys.stderr)
     return EXIT_FINDINGS if result.count(args.fail_on) else EXIT_OK
+
+
+def _raised_at(e: BaseException) -> str:
+    """``e`` and where it was raised, for one line a developer can act on."""
+    frames = traceback.extract_tb(e.__traceback__)
+    at = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    return f"{type(e).__name__}: {e}{at}"
 
 
 # ------------------------------------------------------------------------------------------------ queries

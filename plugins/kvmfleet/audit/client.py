@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import socket
 import ssl
 import threading
@@ -75,6 +76,40 @@ class Series:
         return [dict(zip(self.columns, v)) for v in self.values]
 
 
+class AnswerShapeError(ValueError):
+    """An answer that is JSON but not InfluxDB's shape (a proxy's page, a broken or hostile server)."""
+
+
+SCALARS = (str, int, float, bool, type(None))
+
+
+def parse_series(s: Any) -> Series:
+    """One series of an answer, checked: a name, string tags, string columns and rows of as many scalars, the
+    time a number (``epoch=s``); :class:`AnswerShapeError` otherwise. The rules can then trust the types."""
+    if not isinstance(s, dict):
+        raise AnswerShapeError("a series is not an object")
+    name, tags, columns, values = s.get("name", ""), s.get("tags") or {}, s.get("columns"), s.get("values", [])
+    if not isinstance(name, str):
+        raise AnswerShapeError("a series name is not a string")
+    if not isinstance(tags, dict) or not all(isinstance(v, str) for v in tags.values()):
+        raise AnswerShapeError(f"the tags of series {name!r} are not strings")
+    if not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns):
+        raise AnswerShapeError(f"series {name!r} has no list of column names")
+    if not isinstance(values, list) or not all(isinstance(row, list) for row in values):
+        raise AnswerShapeError(f"the values of series {name!r} are not a list of rows")
+    time_at = columns.index("time") if "time" in columns else None
+    for row in values:
+        if len(row) != len(columns) or not all(isinstance(v, SCALARS) for v in row):
+            raise AnswerShapeError(f"a row of series {name!r} does not hold one value per column")
+        if time_at is not None and not _is_time(row[time_at]):
+            raise AnswerShapeError(f"a time of series {name!r} is not a number of seconds")
+    return Series(name=name, tags=dict(tags), columns=list(columns), values=list(values))
+
+
+def _is_time(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 class InfluxQLClient:
     def __init__(self, conn: Connection) -> None:
         https = _checked_url(conn.url).scheme == "https"
@@ -123,7 +158,7 @@ class InfluxQLClient:
         except ssl.SSLError as e:
             raise AuditError(f"{where}: TLS failed ({e.reason or e}); --ca-file names a CA bundle") from None
         except (socket.timeout, TimeoutError):
-            raise AuditError(f"{where}: no answer to {what} within {self.conn.timeout:g}s") from None
+            raise AuditError(f"{where}: no complete answer to {what} within {self.conn.timeout:g}s") from None
         except OSError as e:
             raise AuditError(f"cannot reach InfluxDB at {where}: {e.strerror or e}") from None
         except http.client.HTTPException as e:
@@ -132,8 +167,8 @@ class InfluxQLClient:
     def query(self, statements: Sequence[str] | str, what: str = "query") -> list[list[Series]]:
         """Run one or more statements in one request; one list of series per statement, in order.
 
-        :class:`AuditError` on a transport error, an HTTP error or any statement's error (the message names
-        ``what`` and the server's words, never a secret).
+        :class:`AuditError` on a transport error, an HTTP error, any statement's error or an answer of the wrong
+        shape (the message names ``what`` and the server's words, never a secret).
         """
         stmts = [statements] if isinstance(statements, str) else list(statements)
         params = {"q": ";\n".join(stmts), "db": self.conn.db, "epoch": "s"}
@@ -142,40 +177,70 @@ class InfluxQLClient:
         resp = self._post(urllib.parse.urlencode(params).encode(), what)
         with self._lock:
             self.requests += 1
-        where, status, data = self._where, resp.status, resp.body
-        message = self._scrub(influxhttp.server_message(data)) if status != 200 else ""
+        self._check_status(resp, what)
+        if not resp.complete:
+            raise AuditError(f"{self._where}: the answer to {what} is larger than {MAX_BODY >> 20} MiB")
+        try:
+            doc = json.loads(resp.body)
+        except (ValueError, RecursionError):
+            raise AuditError(f"{self._where}: the answer to {what} is not JSON") from None
+        if isinstance(doc, dict) and doc.get("error"):
+            raise AuditError(f"{what}: {self._said(doc['error'])}")
+        try:
+            return self._statements(doc, len(stmts), what)
+        except AnswerShapeError as e:
+            raise AuditError(f"{self._where}: the answer to {what} is not an InfluxDB answer: {e}") from None
+
+    def _check_status(self, resp: influxhttp.Response, what: str) -> None:
+        """:class:`AuditError` for any answer but a 200, worded for the command line."""
+        where, status = self._where, resp.status
+        if status == 200:
+            return
+        message = self._said(resp.body)
         if status in (401, 403):
             raise AuditError(f"{where}: HTTP {status}: {message or 'unauthorized'} (check --token-file or "
                              "--username/--password-file)")
         if status == 404:
             raise AuditError(f"{where}: HTTP 404 on /query: {message or 'not found'} (is this an InfluxDB URL? "
                              "InfluxDB 2.x needs a DBRP mapping for the bucket)")
-        if status != 200:
-            raise AuditError(f"{where}: HTTP {status} for {what}: {message or 'no message'}")
-        try:
-            doc = json.loads(data)
-        except ValueError:
-            raise AuditError(f"{where}: the answer to {what} is not JSON") from None
-        if isinstance(doc, dict) and doc.get("error"):
-            raise AuditError(f"{what}: {doc['error']}")
+        location = resp.header("Location")
+        if 300 <= status < 400 and location:
+            raise AuditError(f"{where}: HTTP {status} for {what}: redirected to "
+                             f"{self._said(influxhttp.redact_url(location))}, which is not followed (give --url the "
+                             "address that answers)")
+        raise AuditError(f"{where}: HTTP {status} for {what}: {message or 'no message'}")
+
+    def _said(self, text: object) -> str:
+        """What a server said, as one printable line without a secret in it."""
+        return self._scrub(influxhttp.server_message(text if isinstance(text, bytes) else str(text)))
+
+    def _statements(self, doc: Any, count: int, what: str) -> list[list[Series]]:
+        """The series of each of ``count`` statements; :class:`AuditError` for a statement's error,
+        :class:`AnswerShapeError` for anything but InfluxDB's shape (each statement answered once)."""
         results = doc.get("results") if isinstance(doc, dict) else None
         if not isinstance(results, list):
-            raise AuditError(f"{where}: the answer to {what} has no results")
-        out: list[list[Series]] = [[] for _ in stmts]
+            raise AnswerShapeError("no results list")
+        out: list[list[Series] | None] = [None] * count
         for i, res in enumerate(results):
-            idx = int(res.get("statement_id", i)) if isinstance(res, dict) else i
-            if not isinstance(res, dict) or idx >= len(out):
-                continue
+            if not isinstance(res, dict):
+                raise AnswerShapeError(f"result {i} is not an object")
+            idx = res.get("statement_id", i)
+            if type(idx) is not int or not 0 <= idx < count or out[idx] is not None:
+                raise AnswerShapeError(f"result {i} has statement_id {self._said(repr(idx))}")
             if res.get("error"):
                 hint = ""
                 if "database not found" in str(res["error"]):
                     hint = (" (InfluxDB 2.x: create a DBRP mapping for the bucket, e.g. `influx v1 dbrp create "
                             "--db NAME --rp autogen --bucket-id ID`)")
-                raise AuditError(f"{what}: {res['error']}{hint}")
-            for s in res.get("series") or []:
-                out[idx].append(Series(name=str(s.get("name", "")), tags=dict(s.get("tags") or {}),
-                                       columns=list(s.get("columns") or []), values=list(s.get("values") or [])))
-        return out
+                raise AuditError(f"{what}: {self._said(res['error'])}{hint}")
+            series = res.get("series", [])
+            if not isinstance(series, list):
+                raise AnswerShapeError(f"the series of statement {idx} are not a list")
+            out[idx] = [parse_series(s) for s in series]
+        missing = [i for i, stmt in enumerate(out) if stmt is None]
+        if missing:
+            raise AnswerShapeError(f"no result for statement {missing[0]}")
+        return [stmt or [] for stmt in out]
 
     def close(self) -> None:
         with self._lock:

@@ -5,15 +5,17 @@ stage run in parallel (``parallel`` at once):
 
 1. *fleet*: ``fleet_counters`` (each host's first and last sample in the window: exits and every rule's trigger
    counter) and ``host_tdp`` (the TDP verdict and vCPUs) for every host matching ``--host-regex``;
-2. *resets*: hosts with a counter that went down in the window (a restart) get their rates from ``exact_rates``
+2. *fresh*: no host at all is an error (:class:`AuditError`: nothing was seen, so nothing can be called clean);
+   hosts whose newest sample is older than ``stale_after`` are stale (listed, their findings noted);
+3. *resets*: hosts with a counter that went down in the window (a restart) get their rates from ``exact_rates``
    (derivatives over every sample) instead;
-3. *screen*: the hosts no rule can judge are listed; each host-wide rule's screen picks the hosts that may trigger
+4. *screen*: the hosts no rule can judge are listed; each host-wide rule's screen picks the hosts that may trigger
    it, each fleet-wide rule (exit-load) the hosts it flags;
-4. *detail*: each rule's own query, ``host_facts`` and ``vm_counters``, only for the hosts picked, with a regex of
+5. *detail*: each rule's own query, ``host_facts`` and ``vm_counters``, only for the hosts picked, with a regex of
    exactly those hosts;
-5. *vms*: ``vcpu_counters`` for the hosts picked that have no ``kvm_vm``;
-6. *evaluate*: every rule on every host (fleet-wide rules on the fleet);
-7. *charts*: for the HTML report, ``counter_rates`` of the hosts with findings.
+6. *vms*: ``vcpu_counters`` for the hosts picked that have no ``kvm_vm``;
+7. *evaluate*: every rule on every host (fleet-wide rules on the fleet);
+8. *charts*: for the HTML report, ``counter_rates`` of the hosts with findings.
 
 What each rule needs (its detail query, its VM columns, vCPUs, facts) comes from its unit in :mod:`.rules`. The
 stages ask through a :class:`~.runner.QueryRunner`: :func:`run_audit` gives them InfluxDB, :func:`audit_with` any
@@ -32,7 +34,7 @@ from ..schema import M_VCPU, M_VM
 from ..severity import severity_rank
 from .client import AuditError, InfluxQLClient
 from .merge import chart_series, merge_exact_rates, merge_facts, merge_host_pairs, merge_vm_pairs
-from .model import Finding, HostData, Skipped
+from .model import Finding, HostData, Skipped, Stale, duration_text, iso_time
 from .rules import UNKNOWN_VCPUS, Units, wanted_rules
 from .runner import Answers, InfluxQLRunner, Job, QueryRunner
 
@@ -51,6 +53,8 @@ class AuditOptions:
     charts: bool = False
     parallel: int = 4
     chart_buckets: int = 60
+    stale_after: str = "5m"  # a host whose newest sample is older is stale (an InfluxQL duration)
+    now: float | None = None  # what "older" is measured from (unix time); None: when the audit starts
 
 
 @dataclass
@@ -70,6 +74,8 @@ class AuditResult:
     elapsed_s: float
     started_at: float
     charts: dict[str, dict[str, list[tuple[float, float]]]] = field(default_factory=dict)
+    stale: list[Stale] = field(default_factory=list)
+    stale_after: str = "5m"
 
     def count(self, at_least: str) -> int:
         rank = severity_rank(at_least)
@@ -85,7 +91,10 @@ class Audit:
     wanted: set[str]  # the rule ids reported
     runner: QueryRunner
     window_s: float
+    now: float
+    source: str = ""
     hosts: dict[str, HostData] = field(default_factory=dict)
+    stale: list[Stale] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     picked: dict[str, list[str]] = field(default_factory=dict)  # unit id -> the hosts it picked, sorted
     vm_columns: dict[str, set[str]] = field(default_factory=dict)  # host -> the kvm_vm columns its findings show
@@ -115,6 +124,25 @@ def stage_fleet(a: Audit) -> None:
     ans = a.ask([Job("fleet_counters", "fleet_counters"), Job("host_tdp", "host_tdp")])
     merge_host_pairs(a.hosts, ans.get("fleet_counters", []))
     merge_facts(a.hosts, ans.get("host_tdp", []))
+
+
+def stage_fresh(a: Audit) -> None:
+    """No sample at all is an error (stopped collectors, a regex matching nothing, a wrong retention policy), not
+    a clean fleet; a host whose newest sample is older than ``stale_after`` is stale, and its findings say so."""
+    o = a.options
+    if not a.hosts:
+        where = f" in {a.source}" if a.source else ""
+        raise AuditError(f"no kvm samples for hosts matching {o.host_regex} in the last {o.window}{where}: are the "
+                         f"collectors running? is the database (and retention policy) right?")
+    limit = duration_seconds(o.stale_after)
+    for name, h in sorted(a.hosts.items()):
+        age = None if h.t_seen is None else a.now - h.t_seen
+        if age is not None and age <= limit:
+            continue
+        a.stale.append(Stale(name, h.t_seen, age))
+        since = "no sample time seen" if h.t_seen is None else \
+            f"newest sample {iso_time(h.t_seen)}, {duration_text(age or 0)} before the audit"
+        h.notes.append(f"stale: {since} (more than --stale-after {o.stale_after}): it may have stopped reporting")
 
 
 def stage_resets(a: Audit) -> None:
@@ -210,8 +238,8 @@ def stage_charts(a: Audit) -> None:
 
 
 STAGES: tuple[tuple[str, Callable[[Audit], None]], ...] = (
-    ("fleet", stage_fleet), ("resets", stage_resets), ("screen", stage_screen), ("detail", stage_detail),
-    ("vms", stage_vms), ("evaluate", stage_evaluate), ("charts", stage_charts))
+    ("fleet", stage_fleet), ("fresh", stage_fresh), ("resets", stage_resets), ("screen", stage_screen),
+    ("detail", stage_detail), ("vms", stage_vms), ("evaluate", stage_evaluate), ("charts", stage_charts))
 
 
 # ------------------------------------------------------------------------------------------------ entry points
@@ -230,13 +258,16 @@ def audit_with(runner: QueryRunner, options: AuditOptions, source: str = "") -> 
     if unknown:
         raise AuditError(f"rules without a definition: {', '.join(sorted(unknown))}")
     _query_params(options).substitutions()  # validates window, regex and RP before any request
-    a = Audit(options, Units.make(options.rules, wanted), wanted, runner, window_s)
+    duration_seconds(options.stale_after)
+    now = started if options.now is None else options.now
+    a = Audit(options, Units.make(options.rules, wanted), wanted, runner, window_s, now, source)
     for _, stage in STAGES:
         stage(a)
     return AuditResult(window=options.window, window_s=window_s, host_regex=options.host_regex, source=source,
                        hosts=a.hosts, findings=a.findings, skipped=a.skipped, top_exit_rate=a.top, fleet=a.fleet,
                        rules=options.rules, queries=a.log, requests=runner.requests,
-                       elapsed_s=time.monotonic() - t0, started_at=started, charts=a.charts)
+                       elapsed_s=time.monotonic() - t0, started_at=started, charts=a.charts, stale=a.stale,
+                       stale_after=options.stale_after)
 
 
 def run_audit(client: InfluxQLClient, options: AuditOptions, source: str = "") -> AuditResult:

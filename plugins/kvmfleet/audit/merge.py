@@ -68,6 +68,12 @@ def _host(hosts: dict[str, HostData], name: str) -> HostData:
     return h
 
 
+def seen(h: HostData, t: float | None) -> None:
+    """``t`` is the time of one of ``h``'s samples: keep the newest (is the host still reporting?)."""
+    if t is not None and (h.t_seen is None or t > h.t_seen):
+        h.t_seen = t
+
+
 def merge_host_pairs(hosts: dict[str, HostData], statements: Statements) -> None:
     for key, (first, last) in first_last(statements).items():
         name = dict(key).get(T_HOST)
@@ -86,6 +92,7 @@ def merge_host_pairs(hosts: dict[str, HostData], statements: Statements) -> None
             h.t_first = t0 if h.t_first is None else min(h.t_first, t0)
         if t1 is not None:
             h.t_last = t1 if h.t_last is None else max(h.t_last, t1)
+            seen(h, t1)
 
 
 def merge_vm_pairs(hosts: dict[str, HostData], statements: Statements, source: str) -> None:
@@ -129,6 +136,7 @@ def merge_facts(hosts: dict[str, HostData], statements: Statements) -> None:
     for host, row in _host_rows(statements):
         h = _host(hosts, host)
         h.has_facts = True
+        seen(h, finite(row.get(TIME)))
         for k, v in row.items():
             if k != TIME and v is not None:
                 h.facts[k] = v

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +56,7 @@ class HostData:
     host: str
     t_first: float | None = None
     t_last: float | None = None
+    t_seen: float | None = None  # the newest sample of any measurement (kvm, kvm_host): is the host fresh?
     increases: dict[str, float | None] = field(default_factory=dict)
     exact_rates: dict[str, float | None] = field(default_factory=dict)
     instant: dict[str, float | None] = field(default_factory=dict)
@@ -132,6 +134,36 @@ class Skipped:
 
     def to_dict(self) -> dict[str, str]:
         return {"host": self.host, "rule": self.rule, "reason": self.reason}
+
+
+@dataclass
+class Stale:
+    """A host whose newest sample is older than ``--stale-after``: it may have stopped reporting, so that the
+    window shows less than happened; the audit cannot call it clean."""
+
+    host: str
+    last_sample: float | None  # unix time; None: no sample time seen
+    age_s: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"host": self.host, "last_sample": None if self.last_sample is None else iso_time(self.last_sample),
+                "age_s": None if self.age_s is None else round(self.age_s)}
+
+
+def iso_time(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def duration_text(seconds: float) -> str:
+    """``seconds`` the way an operator says it: 45s, 31m, 2h05m, 3d04h."""
+    s = max(0, round(seconds))
+    if s < 120:
+        return f"{s}s"
+    m = s // 60
+    if m < 120:
+        return f"{m}m"
+    h = m // 60
+    return f"{h}h{m % 60:02d}m" if h < 48 else f"{h // 24}d{h % 24:02d}h"
 
 
 @dataclass

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import html
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .. import __version__
 from ..severity import severity_rank
+from ..textsafe import for_markdown, for_terminal, one_line
 from .engine import AuditResult
-from .model import Finding
+from .model import Finding, duration_text, iso_time
 
 FORMATS = ("table", "json", "markdown", "html")
 MAX_SKIPPED_LINES = 12
+MAX_NAME_SHOWN = 200  # characters of a host or VM name shown in the table, markdown and HTML (JSON: all of it)
+MAX_ANCHOR = 64  # characters of a host section's id; a longer name gets its hash after them
+MAX_HOST_COLUMN = 40  # a longer name overflows its cell instead of widening every row
 
 
 def to_dict(result: AuditResult, fail_on: str | None = None) -> dict[str, Any]:
@@ -35,16 +40,16 @@ def to_dict(result: AuditResult, fail_on: str | None = None) -> dict[str, Any]:
         "queries": result.queries,
         "requests": result.requests,
         "elapsed_s": round(result.elapsed_s, 3),
-        "generated_at": _iso(result.started_at),
+        "generated_at": iso_time(result.started_at),
         "kvmfleet": __version__,
     }
+    if result.stale:  # only then: the report of a fleet whose hosts all report is as it was
+        out["summary"]["stale"] = len(result.stale)
+        out["stale"] = [st.to_dict() for st in result.stale]
+        out["stale_after"] = result.stale_after
     if fail_on:
         out["fail_on"] = fail_on
     return out
-
-
-def _iso(ts: float) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _evidence_text(evidence: dict[str, Any]) -> str:
@@ -61,19 +66,49 @@ def _num(v: Any) -> str:
     return str(v)
 
 
-def _vm_text(vm: dict[str, Any]) -> str:
+def _name(name: object, escape: Callable[[object], str] = for_terminal, cut: int = MAX_NAME_SHOWN) -> str:
+    """A host or VM name from outside (any hypervisor writes them), escaped; past ``cut`` characters cut, and the
+    cut said (JSON keeps the whole name)."""
+    s = str(name)
+    if len(s) <= cut:
+        return escape(s)
+    return escape(s[:cut]) + f"...({len(s)} characters)"
+
+
+def names_text(names: Sequence[str], most: int = 5, escape: Callable[[object], str] = for_terminal,
+               cut: int = MAX_NAME_SHOWN) -> str:
+    """The first ``most`` names, escaped, and how many more."""
+    shown = ", ".join(_name(n, escape, cut) for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def _vm_text(vm: dict[str, Any], name: Callable[[object], str] = _name, text: Callable[[str], str] = str) -> str:
     rest = ", ".join(f"{k}={_num(v)}" for k, v in vm.items() if k != "vm")
-    return f"{vm['vm']}" + (f" ({rest})" if rest else "")
+    return name(vm["vm"]) + (text(f" ({rest})") if rest else "")
 
 
-def _skipped_summary(result: AuditResult) -> list[str]:
+def _skipped_summary(result: AuditResult, escape: Callable[[object], str] = for_terminal,
+                     text: Callable[[str], str] = str) -> list[str]:
     by_reason = Counter((s.rule, s.reason) for s in result.skipped)
     lines = []
     for (rule, reason), n in by_reason.most_common():
         hosts = sorted({s.host for s in result.skipped if s.rule == rule and s.reason == reason})
-        shown = ", ".join(hosts[:5]) + (f" and {len(hosts) - 5} more" if len(hosts) > 5 else "")
-        lines.append(f"{rule}: {reason}: {n} host{'s' if n != 1 else ''} ({shown})")
+        lines.append(text(f"{rule}: {reason}: {n} host{'s' if n != 1 else ''} (") + names_text(hosts, 5, escape)
+                     + ")")
     return lines
+
+
+def _stale_lines(result: AuditResult, name: Callable[[object], str] = _name) -> list[str]:
+    """Each stale host and how old its newest sample is."""
+    return [f"{name(st.host)}: " + ("no sample time seen" if st.last_sample is None else
+                                   f"newest sample {iso_time(st.last_sample)}, "
+                                   f"{duration_text(st.age_s or 0)} before the audit") for st in result.stale]
+
+
+def _stale_title(result: AuditResult) -> str:
+    n = len(result.stale)
+    return (f"{n} host{'s' if n != 1 else ''} sent no sample in the last {result.stale_after} (stale): the audit "
+            f"cannot tell whether {'they are' if n != 1 else 'it is'} clean")
 
 
 def _header(result: AuditResult) -> str:
@@ -83,31 +118,44 @@ def _header(result: AuditResult) -> str:
 
 def _summary_line(result: AuditResult) -> str:
     c = Counter(f.severity for f in result.findings)
+    stale = f"; {len(result.stale)} stale" if result.stale else ""
     return (f"{c.get('critical', 0)} critical, {c.get('warning', 0)} warning, {c.get('info', 0)} info "
-            f"on {len({f.host for f in result.findings})} hosts")
+            f"on {len({f.host for f in result.findings})} hosts{stale}")
+
+
+def _table_findings(result: AuditResult) -> list[str]:
+    if not result.findings:
+        return ["No findings."]
+    hosts = {f.host: _name(f.host) for f in result.findings}
+    wh = min(MAX_HOST_COLUMN, max(4, *(len(h) for h in hosts.values())))
+    wr = max(4, *(len(f.rule) for f in result.findings))
+    lines = [f"{'SEVERITY':<9} {'HOST':<{wh}} {'RULE':<{wr}} SUMMARY"]
+    pad = " " * (9 + 1 + wh + 1 + wr + 1)
+    for f in result.findings:
+        lines.append(f"{f.severity:<9} {hosts[f.host]:<{wh}} {f.rule:<{wr}} {f.summary}")
+        lines.append(f"{pad}evidence: {_evidence_text(f.evidence)}")
+        if f.vms:
+            lines.append(f"{pad}VMs: " + "; ".join(_vm_text(v) for v in f.vms))
+        for note in f.notes:
+            lines.append(f"{pad}note: {note}")
+    return lines
 
 
 def render_table(result: AuditResult) -> str:
+    """The report for a terminal: every line one printable line (names escaped, text from outside too)."""
     lines = [_header(result), ""]
-    if result.findings:
-        wh = max(4, *(len(f.host) for f in result.findings))
-        wr = max(4, *(len(f.rule) for f in result.findings))
-        lines.append(f"{'SEVERITY':<9} {'HOST':<{wh}} {'RULE':<{wr}} SUMMARY")
-        pad = " " * (9 + 1 + wh + 1 + wr + 1)
-        for f in result.findings:
-            lines.append(f"{f.severity:<9} {f.host:<{wh}} {f.rule:<{wr}} {f.summary}")
-            lines.append(f"{pad}evidence: {_evidence_text(f.evidence)}")
-            if f.vms:
-                lines.append(f"{pad}VMs: " + "; ".join(_vm_text(v) for v in f.vms))
-            for note in f.notes:
-                lines.append(f"{pad}note: {note}")
-    else:
-        lines.append("No findings.")
+    if result.stale:
+        stale = _stale_lines(result)
+        lines += [f"Stale: {_stale_title(result)}:"] + [f"  {s}" for s in stale[:MAX_SKIPPED_LINES]]
+        if len(stale) > MAX_SKIPPED_LINES:
+            lines.append(f"  ... {len(stale) - MAX_SKIPPED_LINES} more (--format json lists them all)")
+        lines.append("")
+    lines += _table_findings(result)
     if result.top_exit_rate:
         lines += ["", "Top hosts by exit rate:"]
         for t in result.top_exit_rate:
             per = f", {_num(t['exits_per_vcpu_s'])} per vCPU" if t.get("exits_per_vcpu_s") is not None else ""
-            lines.append(f"  {t['host']}: {_num(t['exits_per_s'])} exits/s{per}")
+            lines.append(f"  {_name(t['host'])}: {_num(t['exits_per_s'])} exits/s{per}")
     skipped = _skipped_summary(result)
     if skipped:
         lines += ["", "Not judged:"]
@@ -115,43 +163,63 @@ def render_table(result: AuditResult) -> str:
         if len(skipped) > MAX_SKIPPED_LINES:
             lines.append(f"  ... {len(skipped) - MAX_SKIPPED_LINES} more reasons (--format json lists them all)")
     lines += ["", _summary_line(result)]
-    return "\n".join(lines) + "\n"
+    return "\n".join(map(one_line, lines)) + "\n"
 
 
 def _md(text: Any) -> str:
+    """The project's own text (rules.yaml) in a markdown cell or line."""
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _mdt(text: Any) -> str:
+    """Text that may hold words from outside (facts, notes naming VMs, a server's name): one printable line, HTML
+    shown as text, cell marks escaped."""
+    return html.escape(one_line(text), quote=False).replace("|", "\\|")
+
+
+def _mdn(name: object) -> str:
+    return _name(name, for_markdown)
+
+
+def _md_finding(result: AuditResult, f: Finding) -> list[str]:
+    out = [f"## {_mdn(f.host)}: {f.rule} ({f.severity})", "", _mdt(f.summary), ""]
+    out += ["| evidence | value |", "|---|---|"]
+    out += [f"| {k} | {_mdt(_num(v))} |" for k, v in f.evidence.items()]
+    out.append("")
+    if f.vms:
+        out.append("VMs: " + "; ".join(_vm_text(v, _mdn, _mdt) for v in f.vms))
+        out.append("")
+    for note in f.notes:
+        out.append(f"- {_mdt(note)}")
+    rule = result.rules.get(f.rule)
+    if rule:
+        out += ["", f"**Why:** {_md(rule.explanation.strip())}", "",
+                f"**What to do:** {_md(rule.remedy.strip())}", ""]
+    return out
+
+
 def render_markdown(result: AuditResult) -> str:
-    out = [f"# kvmfleet audit: {_summary_line(result)}", "", _md(_header(result)), ""]
+    """The report as markdown: names escaped (no markup, no control character), text from outside as text."""
+    out = [f"# kvmfleet audit: {_summary_line(result)}", "", _mdt(_header(result)), ""]
+    if result.stale:
+        out += ["## Stale hosts", "", _mdt(_stale_title(result)) + ":", ""]
+        out += [f"- {s}" for s in _stale_lines(result, _mdn)] + [""]
     if result.findings:
         out += ["| severity | host | rule | summary |", "|---|---|---|---|"]
-        out += [f"| {f.severity} | {_md(f.host)} | {f.rule} | {_md(f.summary)} |" for f in result.findings]
+        out += [f"| {f.severity} | {_mdn(f.host)} | {f.rule} | {_mdt(f.summary)} |" for f in result.findings]
         out.append("")
         for f in result.findings:
-            out += [f"## {_md(f.host)}: {f.rule} ({f.severity})", "", _md(f.summary), ""]
-            out += ["| evidence | value |", "|---|---|"]
-            out += [f"| {k} | {_md(_num(v))} |" for k, v in f.evidence.items()]
-            out.append("")
-            if f.vms:
-                out.append("VMs: " + "; ".join(_md(_vm_text(v)) for v in f.vms))
-                out.append("")
-            for note in f.notes:
-                out.append(f"- {_md(note)}")
-            rule = result.rules.get(f.rule)
-            if rule:
-                out += ["", f"**Why:** {_md(rule.explanation.strip())}", "",
-                        f"**What to do:** {_md(rule.remedy.strip())}", ""]
+            out += _md_finding(result, f)
     else:
         out += ["No findings.", ""]
     if result.top_exit_rate:
         out += ["## Top hosts by exit rate", "", "| host | exits/s | exits/s per vCPU |", "|---|---|---|"]
-        out += [f"| {_md(t['host'])} | {_num(t['exits_per_s'])} | {_num(t.get('exits_per_vcpu_s'))} |"
+        out += [f"| {_mdn(t['host'])} | {_num(t['exits_per_s'])} | {_num(t.get('exits_per_vcpu_s'))} |"
                 for t in result.top_exit_rate]
         out.append("")
-    skipped = _skipped_summary(result)
+    skipped = _skipped_summary(result, for_markdown, _mdt)
     if skipped:
-        out += ["## Not judged", ""] + [f"- {_md(s)}" for s in skipped] + [""]
+        out += ["## Not judged", ""] + [f"- {s}" for s in skipped] + [""]
     return "\n".join(out)
 
 
@@ -231,30 +299,36 @@ def _sev(s: str) -> str:
     return f'<span class="sev {html.escape(s)}">{html.escape(s)}</span>'
 
 
+def _h(text: Any) -> str:
+    """Text for HTML: shown as text, on one printable line (``cat report.html`` cannot drive a terminal)."""
+    return html.escape(one_line(text))
+
+
 def _html_head(result: AuditResult, fail_on: str | None) -> list[str]:
-    esc = html.escape
+    esc = _h
     c = Counter(f.severity for f in result.findings)
     return ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
             '<meta name="viewport" content="width=device-width, initial-scale=1">',
             f"<title>kvmfleet audit: {esc(_summary_line(result))}</title>", f"<style>{_CSS}</style></head><body>",
-            f"<header><h1>kvmfleet audit</h1><p>{esc(_header(result))}; generated {_iso(result.started_at)}"
+            f"<header><h1>kvmfleet audit</h1><p>{esc(_header(result))}; generated {iso_time(result.started_at)}"
             + (f"; fails on {esc(fail_on)}" if fail_on else "") + "</p></header><main>",
             '<div class="cards">' + "".join(
                 f'<div class="card"><b>{n}</b>{label}</div>' for n, label in (
                     (len(result.hosts), "hosts"), (c.get("critical", 0), _sev("critical")),
                     (c.get("warning", 0), _sev("warning")), (c.get("info", 0), _sev("info")),
-                    (len({f.host for f in result.findings}), "hosts with findings"))) + "</div>"]
+                    (len({f.host for f in result.findings}), "hosts with findings"),
+                    *(((len(result.stale), "stale hosts"),) if result.stale else ()))) + "</div>"]
 
 
 def _html_tables(result: AuditResult) -> list[str]:
     """The summary of the findings and the top hosts by exit rate."""
-    esc = html.escape
+    esc = _h
     parts = []
     if result.findings:
         parts.append("<h2>Summary</h2><table><tr><th>severity</th><th>host</th><th>rule</th><th>summary</th></tr>")
         for f in result.findings:
-            parts.append(f'<tr><td>{_sev(f.severity)}</td><td><a href="#host-{esc(_anchor(f.host))}">{esc(f.host)}'
-                         f"</a></td><td>{esc(f.rule)}</td><td>{esc(f.summary)}</td></tr>")
+            parts.append(f'<tr><td>{_sev(f.severity)}</td><td><a href="#host-{esc(_anchor(f.host))}">'
+                         f"{esc(_name(f.host))}</a></td><td>{esc(f.rule)}</td><td>{esc(f.summary)}</td></tr>")
         parts.append("</table>")
     else:
         parts.append("<p>No findings.</p>")
@@ -262,7 +336,7 @@ def _html_tables(result: AuditResult) -> list[str]:
         parts.append("<h2>Top hosts by exit rate</h2><table><tr><th>host</th><th>exits/s</th>"
                      "<th>exits/s per vCPU</th><th>vCPUs</th></tr>")
         for t in result.top_exit_rate:
-            parts.append(f"<tr><td>{esc(t['host'])}</td><td class=num>{esc(_num(t['exits_per_s']))}</td>"
+            parts.append(f"<tr><td>{esc(_name(t['host']))}</td><td class=num>{esc(_num(t['exits_per_s']))}</td>"
                          f"<td class=num>{esc(_num(t.get('exits_per_vcpu_s')))}</td>"
                          f"<td class=num>{esc(_num(t.get('vcpus')))}</td></tr>")
         parts.append("</table>")
@@ -270,7 +344,7 @@ def _html_tables(result: AuditResult) -> list[str]:
 
 
 def _html_finding(result: AuditResult, f: Finding, charts: dict[str, list[tuple[float, float]]]) -> list[str]:
-    esc = html.escape
+    esc = _h
     parts = [f'<div class="finding"><h3>{_sev(f.severity)} {esc(f.rule)}: {esc(f.title)}</h3><p>{esc(f.summary)}</p>']
     drawn = [name for name in f.counters if name in charts]
     if drawn:
@@ -285,14 +359,14 @@ def _html_finding(result: AuditResult, f: Finding, charts: dict[str, list[tuple[
         parts.append('<div class="wide"><table><tr><th>VM</th>' + "".join(f"<th>{esc(k)}</th>" for k in cols)
                      + "</tr>")
         for v in f.vms:
-            parts.append(f"<tr><td>{esc(str(v['vm']))}</td>" + "".join(
+            parts.append(f"<tr><td>{esc(_name(v['vm']))}</td>" + "".join(
                 f"<td class=num>{esc(_num(v.get(k)) if k in v else '')}</td>" for k in cols) + "</tr>")
         parts.append("</table></div>")
     parts += [f'<div class="note">{esc(note)}</div>' for note in f.notes]
     rule = result.rules.get(f.rule)
     if rule:
-        parts.append(f"<details><summary>Why, and what to do</summary><p>{esc(rule.explanation.strip())}</p>"
-                     f"<p><b>What to do:</b> {esc(rule.remedy.strip())}</p></details>")
+        parts.append(f"<details><summary>Why, and what to do</summary><p>{html.escape(rule.explanation.strip())}</p>"
+                     f"<p><b>What to do:</b> {html.escape(rule.remedy.strip())}</p></details>")
     parts.append("</div>")
     return parts
 
@@ -304,7 +378,7 @@ def _html_hosts(result: AuditResult) -> list[str]:
         by_host.setdefault(f.host, []).append(f)
     parts = ["<h2>Hosts with findings</h2>"] if by_host else []
     for host in sorted(by_host, key=lambda h: (-max(severity_rank(f.severity) for f in by_host[h]), h)):
-        parts.append(f'<section class="host" id="host-{html.escape(_anchor(host))}"><h2>{html.escape(host)}</h2>')
+        parts.append(f'<section class="host" id="host-{_h(_anchor(host))}"><h2>{_h(_name(host))}</h2>')
         for f in by_host[host]:
             parts += _html_finding(result, f, result.charts.get(host, {}))
         parts.append("</section>")
@@ -312,8 +386,12 @@ def _html_hosts(result: AuditResult) -> list[str]:
 
 
 def render_html(result: AuditResult, fail_on: str | None = None) -> str:
-    esc = html.escape
-    parts = [*_html_head(result, fail_on), *_html_tables(result), *_html_hosts(result)]
+    esc = _h
+    parts = [*_html_head(result, fail_on)]
+    if result.stale:
+        parts.append(f'<h2>Stale hosts</h2><div class="note">{esc(_stale_title(result))}</div><ul>'
+                     + "".join(f"<li>{esc(s)}</li>" for s in _stale_lines(result)) + "</ul>")
+    parts += [*_html_tables(result), *_html_hosts(result)]
     skipped = _skipped_summary(result)
     if skipped:
         parts.append("<h2>Not judged</h2><ul>" + "".join(f"<li>{esc(s)}</li>" for s in skipped) + "</ul>")
@@ -324,7 +402,11 @@ def render_html(result: AuditResult, fail_on: str | None = None) -> str:
 
 
 def _anchor(host: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in host)
+    """An id for the host's section: word characters only; a long name cut and told apart by its hash."""
+    text = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in host)
+    if len(text) <= MAX_ANCHOR:
+        return text
+    return text[:MAX_ANCHOR] + "-" + hashlib.sha256(host.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def render(result: AuditResult, fmt: str, fail_on: str | None = None) -> str:

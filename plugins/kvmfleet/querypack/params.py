@@ -45,11 +45,16 @@ def regex_literal(regex: str) -> str:
 
 
 def exact_hosts_regex(hosts: Sequence[str]) -> str:
-    """A regex matching exactly these host names (RE2 syntax: every non-word ASCII character escaped)."""
-    def esc(name: str) -> str:
-        return "".join(c if (c.isalnum() or c == "_" or ord(c) > 127) else "\\" + c for c in name)
+    """A regex matching exactly these host names (RE2 syntax: every non-word ASCII character escaped).
 
-    return "^(?:" + "|".join(esc(h) for h in sorted(set(hosts))) + ")$"
+    Any hypervisor can write a host name: a control character (a newline) is written ``\\xHH``, so that the
+    regex stays on one line and the name is still matched."""
+    def esc(c: str) -> str:
+        if c.isalnum() or c == "_" or (ord(c) > 0xFF):
+            return c
+        return "\\" + c if c.isprintable() and ord(c) < 0x80 else f"\\x{ord(c):02x}"
+
+    return "^(?:" + "|".join("".join(map(esc, h)) for h in sorted(set(hosts))) + ")$"
 
 
 def interval_for(window_s: float, buckets: int = 60, minimum_s: int = 10) -> str:

@@ -18,6 +18,7 @@ from collections.abc import Container
 
 from ..logsay import SayOnce
 from ..model import Usability, VMKey, VMReading
+from ..textsafe import for_terminal, shortened
 from .base import Source
 from .debugfs import DebugfsSource
 from .libvirt import DEFAULT_URI, LibvirtSource
@@ -101,7 +102,8 @@ class AutoSource(Source):
                 lvr.descs = {**lvr.descs, **fds.descs}  # the kernel's descriptors carry units
                 lvr.source = "libvirt+statsfd"
             self.say(f"auto-choice:{lvr.identity.uuid}:{key.pid}",
-                     f"kvmfleet: VM {lvr.identity.name} (pid {key.pid}): VM-level counters from "
+                     f"kvmfleet: VM {for_terminal(shortened(lvr.identity.name, 80))} (pid {key.pid}): VM-level "
+                     "counters from "
                      f"{'statsfd' if fds is not None and fds.vm_stats else 'libvirt'}, per-vCPU counters from "
                      f"{'statsfd (held stats fds)' if fds is not None and fds.vcpus else 'libvirt'}",
                      logging.INFO)
@@ -122,7 +124,7 @@ class AutoSource(Source):
             if identity is None:
                 continue
             self.say(f"auto-none:{pid}-{vm_fd}",
-                     f"kvmfleet: VM {identity.name} (pid {pid}) has no readable source: "
+                     f"kvmfleet: VM {for_terminal(shortened(identity.name, 80))} (pid {pid}) has no readable source: "
                      f"{self.usability().reason}")
             found.append(VMReading(identity, "none"))
         return found

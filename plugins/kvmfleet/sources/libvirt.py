@@ -35,6 +35,7 @@ from typing import Any, Callable, TypeVar
 from .. import procfs
 from ..logsay import SayOnce
 from ..model import StatDesc, Stats, StatType, StatUnit, Usability, Value, VMIdentity, VMKey, VMReading
+from ..textsafe import for_terminal, one_line, shortened
 from .base import Source
 
 DEFAULT_URI = "qemu:///system"
@@ -134,7 +135,8 @@ def parse_stats(record: Mapping[str, Any], keys: dict[str, _Key | str | None],
             value = int(value)
         elif not isinstance(value, int):
             say(f"libvirt-value:{meaning.name}",
-                f"kvmfleet: libvirt: {key} is a {type(value).__name__} ({value!r}), not a counter: skipped")
+                f"kvmfleet: libvirt: {for_terminal(shortened(key, 120))} is a {type(value).__name__} "
+                f"({one_line(shortened(repr(value), 80))}), not a counter: skipped")
             continue
         if meaning.vcpu < 0:
             vm[meaning.name] = value
@@ -342,8 +344,8 @@ class LibvirtSource(Source):
             vm, vcpus, descs = parse_stats(record, self._keys, self.say)
             if not vm and not vcpus:
                 self.say(f"libvirt-empty:{found.identity.name}",
-                         f"kvmfleet: libvirt domain {found.identity.name} gives no KVM stats (QEMU < 7.1, or not a "
-                         f"KVM domain)")
+                         f"kvmfleet: libvirt domain {for_terminal(shortened(found.identity.name, 80))} gives no KVM "
+                         "stats (QEMU < 7.1, or not a KVM domain)")
                 continue
             self.saw_vm_group = self.saw_vm_group or bool(vm)
             readings.append(VMReading(found.identity, self.name, vm, vcpus, descs))

@@ -3,7 +3,10 @@
 Only the process that owns a VM may call ``KVM_GET_STATS_FD`` on it (KVM answers EIO to anyone
 else), so this source never tries: it duplicates the stats fds the VMM already holds
 (``anon_inode:kvm-vm-stats``, ``anon_inode:kvm-vcpu-stats:N``; QEMU >= 8.1 keeps one per vCPU).
-Each duplicated fd's header, id and descriptors are parsed once; a sample is one ``pread`` per fd.
+Each duplicated fd is checked once, when borrowed (:mod:`.borrowcheck`: a VMM may swap the fd between
+our look at its fd table and ``pidfd_getfd``): its header, id and descriptors are parsed then, and a
+sample is one ``pread`` per fd. An fd that is not what its VMM listed is closed at once and said once;
+an error with one VMM leaves the others read as usual.
 
 A borrowed fd keeps its VM alive, so each VMM is watched through its pidfd: all pidfds are polled
 once per sample and a VMM's fds are closed in the first sample after it exits.
@@ -24,18 +27,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import procfs
-from ..binstats import StatsFormatError, StatsLayout, read_layout
+from ..binstats import StatsFormatError, StatsLayout
 from ..identity import parse_identity
 from ..logsay import SayOnce
 from ..model import StatDesc, Usability, VMIdentity, VMKey, VMReading
 from ..statblock import Shape, StatBlock
 from .base import Source
-
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _uptime_ticks() -> int:
-    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * CLK_TCK)
+from .borrowcheck import BorrowRejected, verify_stats_fd
 
 
 @dataclass
@@ -65,6 +63,7 @@ class _Vmm:
     plan: list[tuple[int, int, int, int, Shape, int, int]] = field(default_factory=list)
     identities: dict[int, VMIdentity] = field(default_factory=dict)
     descs: dict[int, dict[str, StatDesc]] = field(default_factory=dict)
+    said: set[str] = field(default_factory=set)  # SayOnce keys of its rejected fds, forgotten when it goes
 
     def identity(self, vm_fd: int, index: int) -> VMIdentity:
         # a process with several VMs (rare: test harnesses) names them NAME, NAME#2, ...
@@ -108,7 +107,7 @@ class StatsfdSource(Source):
         self.proc = proc
         self.only_pids = only_pids
         self.rescan_s = rescan_s
-        self.young_ticks = int(young_s * CLK_TCK)
+        self.young_ticks = int(young_s * procfs.CLK_TCK)
         self.say = say or SayOnce()
         self._clock = clock
         self._vmms: dict[int, _Vmm] = {}
@@ -117,6 +116,7 @@ class StatsfdSource(Source):
         self._denied: str = ""  # why borrowing failed, if it did
         self._self_pid = os.getpid()
         self._descs_cache: dict[frozenset[Shape], dict[str, StatDesc]] = {}
+        self.rejected_fds = 0  # borrowed fds that were not the stats fds their VMM listed, since the start
         self._usability = self._probe()
 
     # -- state -------------------------------------------------------------------------------
@@ -157,17 +157,19 @@ class StatsfdSource(Source):
         live_set = set(live)
         for pid in [pid for pid in self._others if pid not in live_set]:
             del self._others[pid]
-        uptime = _uptime_ticks()
+        uptime = procfs.uptime_ticks()
         for pid in live:
             if pid == self._self_pid or (self.only_pids is not None and pid not in self.only_pids):
                 continue
             vmm = self._vmms.get(pid)
-            if vmm is not None:
-                if now - vmm.scanned_at >= self.rescan_s or pid in self._hinted:
-                    self._scan_fds(vmm, now)  # vCPU hotplug, or fds the VMM closed
-                continue
-            if self._due(pid, now, uptime):
-                self._scan_new(pid, now)
+            try:
+                if vmm is not None:
+                    if now - vmm.scanned_at >= self.rescan_s or pid in self._hinted:
+                        self._scan_fds(vmm, now)  # vCPU hotplug, or fds the VMM closed
+                elif self._due(pid, now, uptime):
+                    self._scan_new(pid, now)
+            except Exception as err:  # one process's trouble, not the host's
+                self._drop_failed(pid, "scanning", err)
         self._hinted.clear()
 
     def _scan_new(self, pid: int, now: float) -> None:
@@ -238,17 +240,23 @@ class StatsfdSource(Source):
                 self._denied = "pidfd_getfd is not available (needs Linux 5.6)"
             return
         try:
-            layout = read_layout(fd)
+            layout = verify_stats_fd(fd, kfd)
             inode = os.fstat(fd).st_ino
-        except (OSError, StatsFormatError) as err:
+        except (OSError, BorrowRejected) as err:
             os.close(fd)
-            self.say(f"statsfd-layout:{vmm.pid}:{kfd.fd}",
-                     f"kvmfleet: stats fd {kfd.fd} of pid {vmm.pid} unreadable, skipped: {err}")
+            self._reject(vmm, kfd.fd, err if isinstance(err, BorrowRejected) else BorrowRejected("link", str(err)))
             return
         for skipped in layout.skipped:
             self.say(f"statsfd-skip:{skipped}", f"kvmfleet: stats descriptor skipped: {skipped}")
         vcpu = kfd.index if kfd.kind == "vcpu-stats" else -1
         vmm.borrowed[kfd.fd] = _Borrowed(fd, kfd.fd, inode, vm_fd, vcpu, layout)
+
+    def _reject(self, vmm: _Vmm, target: int, err: BorrowRejected) -> None:
+        """Say it once per VMM, fd and kind of reason: a VMM that flips its fds must not flood the log."""
+        self.rejected_fds += 1
+        key = f"statsfd-reject:{vmm.pid}:{target}:{err.kind}"
+        vmm.said.add(key)
+        self.say.first(key, f"kvmfleet: fd {target} of pid {vmm.pid} rejected and closed: {err}")
 
     def _release(self, vmm: _Vmm, target: int) -> None:
         held = vmm.borrowed.pop(target)
@@ -260,6 +268,8 @@ class StatsfdSource(Source):
         for target in list(vmm.borrowed):
             self._release(vmm, target)
         os.close(vmm.pidfd)
+        for key in vmm.said:
+            self.say.forget(key)
 
     def _reap_exited(self) -> None:
         """One poll over every pidfd: a pidfd turns readable when its process exits."""
@@ -283,9 +293,21 @@ class StatsfdSource(Source):
         self._discover(self._clock())
         readings = []
         for vmm in list(self._vmms.values()):
-            readings.extend(self._read_vmm(vmm))
+            try:
+                readings.extend(self._read_vmm(vmm))
+            except Exception as err:  # one VMM's trouble, not the host's
+                self._drop_failed(vmm.pid, "reading", err)
         self._update_usability(readings)
         return readings
+
+    def _drop_failed(self, pid: int, doing: str, err: Exception) -> None:
+        """An unexpected error with one VMM: said once, its fds closed (it is scanned again later); the other
+        VMMs are read as usual."""
+        self.say.first(f"statsfd-error:{pid}:{doing}",
+                       f"kvmfleet: {doing} pid {pid} failed, its fds closed: {type(err).__name__}: {err}")
+        if pid in self._vmms:
+            self._retire(pid)
+        self._others[pid] = (0, self._clock())  # looked at again after rescan_s, not at every sample
 
     def _read_vmm(self, vmm: _Vmm) -> list[VMReading]:
         """One pread per borrowed fd, by the plan; hot: runs for every fd of every sample."""
