@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from influxdb_client import Point  # type: ignore[attr-defined]
@@ -35,7 +37,24 @@ def lines(encode: str) -> list[str]:
             for k, v in tags.items():
                 point.tag(k, v)
             out.append(point.to_line_protocol())
-    return out
+    return [*out, f"kvm_vm,host={encode},i=end,vm=end x=0i {base - 10**9}"]  # once seen, the write was read
+
+
+def settled(victoria: VictoriaMetrics, match: str) -> list[dict[str, Any]]:
+    """What VictoriaMetrics exports for ``match`` once two looks 0.3 s apart agree (it drops some lines without a
+    word, so there is no count to wait for)."""
+    def look() -> list[dict[str, Any]]:
+        return sorted(victoria.export(match, min_samples=0), key=lambda s: json.dumps(s, sort_keys=True))
+
+    deadline = time.monotonic() + 5
+    last = look()
+    while time.monotonic() < deadline:
+        time.sleep(0.3)
+        now = look()
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"VictoriaMetrics' answer for {match} did not settle within 5 s")
 
 
 def stored(influxdb: InfluxDB1, victoria: VictoriaMetrics, password_file: str, token_file: str,
@@ -44,8 +63,9 @@ def stored(influxdb: InfluxDB1, victoria: VictoriaMetrics, password_file: str, t
     encoded = lines(encode)
     V1Writer(influxdb.url, "kvm", username=INFLUX_USER, password_file=password_file).write(encoded)
     V2Writer(victoria.url, org="o", bucket="kvm", token_file=token_file).write(encoded)
-    rows = influxdb.rows(f"SELECT x FROM kvm_vm WHERE host = '{encode}' GROUP BY *", db="kvm")
-    series = victoria.export(f'{{__name__="kvm_vm_x",host="{encode}"}}', min_samples=len(NAMES), timeout=3)
+    rows = influxdb.rows(f"SELECT x FROM kvm_vm WHERE host = '{encode}' AND i != 'end' GROUP BY *", db="kvm")
+    victoria.export(f'{{__name__="kvm_vm_x",host="{encode}",i="end"}}', min_samples=1, timeout=5)
+    series = settled(victoria, f'{{__name__="kvm_vm_x",host="{encode}",i!="end"}}')
     return {int(r["i"]): r["vm"] for r in rows}, {int(s["metric"]["i"]): s["metric"]["vm"] for s in series}
 
 
