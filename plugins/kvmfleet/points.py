@@ -89,6 +89,17 @@ class _Series:
 
 
 @dataclass
+class _Emission:
+    """What one :meth:`PointBuilder.build` gathers: the lines (None: none wanted) and the values dispatched."""
+
+    ts_text: str
+    time_s: float
+    sink: ValueSink | None
+    lines: list[str] | None
+    dispatched: int = 0
+
+
+@dataclass
 class BuildResult:
     lines: list[str]
     dispatched: int = 0
@@ -250,43 +261,30 @@ class PointBuilder:
         be 34,000 more collectd values a sample, see docs/plugin.md). ``kvm_host`` and ``kvmfleet_agent`` lines come
         from :meth:`facts_line` and :meth:`agent_line`."""
         cfg = self.config
-        ts = sample.time_ns
-        ts_text = str(ts)
-        time_s = ts / 1e9
-        out: list[str] = []
-        dispatched = 0
-
-        plan, values = self.plan_for(sample.host, sample.host_descs)
-        if lines:
-            body = self._body(plan, values, sample.host)
-            if body:
-                out.append(f"{self.host_prefix} {body} {ts_text}")
-        if sink is not None and plan.names:
-            dispatched += sink(PLUGIN_NAME, "", time_s, plan.types, plan.names, values)
-
+        em = _Emission(str(sample.time_ns), sample.time_ns / 1e9, sink, [] if lines else None)
+        self._emit(em, self.host_prefix, "", sample.host, sample.host_descs)
         if cfg.per_vm or cfg.per_vcpu:
-            display = self.display_names(sample.vms)
             live: dict[VMKey, _Series] = {}
-            for vm, name in zip(sample.vms, display):
-                series = self._series_for(vm, name)
-                live[vm.identity.key] = series
+            for vm, name in zip(sample.vms, self.display_names(sample.vms)):
+                series = live[vm.identity.key] = self._series_for(vm, name)
                 if cfg.per_vm:
-                    plan, values = self.plan_for(vm.stats, vm.descs)
-                    if lines:
-                        body = self._body(plan, values, vm.stats)
-                        if body:
-                            out.append(f"{series.prefix} {body} {ts_text}")
-                    if sink is not None and plan.names:
-                        dispatched += sink(PLUGIN_NAME, series.instance, time_s, plan.types, plan.names, values)
+                    self._emit(em, series.prefix, series.instance, vm.stats, vm.descs)
                 if cfg.per_vcpu and lines:  # per-vCPU values are shipped, never dispatched (docs/plugin.md)
                     for vcpu in sorted(vm.vcpus):
-                        stats = vm.vcpus[vcpu]
-                        plan, values = self.plan_for(stats, vm.descs)
-                        body = self._body(plan, values, stats)
-                        if body:
-                            out.append(f"{self._vcpu_prefix(series, vcpu)} {body} {ts_text}")
+                        self._emit(em, self._vcpu_prefix(series, vcpu), None, vm.vcpus[vcpu], vm.descs)
             self._series = live  # forget VMs that are gone
-        return BuildResult(out, dispatched)
+        return BuildResult(em.lines or [], em.dispatched)
+
+    def _emit(self, em: _Emission, prefix: str, instance: str | None, stats: Stats,
+              descs: Mapping[str, StatDesc]) -> None:
+        """One series' line (when lines are wanted) and its values dispatched (unless ``instance`` is None)."""
+        plan, values = self.plan_for(stats, descs)
+        if em.lines is not None:
+            body = self._body(plan, values, stats)
+            if body:
+                em.lines.append(f"{prefix} {body} {em.ts_text}")
+        if em.sink is not None and instance is not None and plan.names:
+            em.dispatched += em.sink(PLUGIN_NAME, instance, em.time_s, plan.types, plan.names, values)
 
     def set_facts(self, facts: HostFacts) -> None:
         """Pre-encode the fields of ``kvm_host`` that only change when the facts are read again."""
