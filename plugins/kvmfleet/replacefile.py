@@ -33,7 +33,7 @@ def replace_file(path: str, data: bytes, mode: int = 0o644) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _sync_directory(directory)
+    sync_directory(directory)
 
 
 def _new_file(directory: str, base: str, mode: int) -> tuple[int, str]:
@@ -47,7 +47,7 @@ def _new_file(directory: str, base: str, mode: int) -> tuple[int, str]:
     raise FileExistsError(17, f"no free temporary name after {_TRIES} tries", directory)
 
 
-def _sync_directory(directory: str) -> None:
+def sync_directory(directory: str) -> None:
     """The rename made durable (best effort: some file systems cannot fsync a directory)."""
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Union
 
 from .. import privfile
+from ..replacefile import sync_directory
 
 log = logging.getLogger("kvmfleet.ship.spool")
 
@@ -251,19 +252,6 @@ def ensure_dir(directory: str) -> None:
     privfile.check_directory(directory)
 
 
-def fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def temp_prefix(path: str) -> str:
     return f".{os.path.basename(path)}.tmp-"
 
@@ -324,7 +312,7 @@ class SpoolFile:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        fsync_dir(self.directory)
+        sync_directory(self.directory)
         self._fd, self.size = fd, size
         return written
 
@@ -347,7 +335,7 @@ class SpoolFile:
         self.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path)
-            fsync_dir(self.directory)
+            sync_directory(self.directory)
         self.size = 0
 
     def close(self) -> None:
