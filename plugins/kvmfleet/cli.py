@@ -9,6 +9,7 @@ import re
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from . import __version__
 from .sources import DEFAULT_URI, SOURCE_NAMES
@@ -114,12 +115,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return run_explain_command(args)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvmfleet", description="KVM statistics for hypervisor fleets.")
-    parser.add_argument("--version", action="version", version=f"kvmfleet {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what sources skip and why")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_stat(sub: Any) -> None:
     stat = sub.add_parser("stat", help="KVM counters of this host, like kvm_stat",
                           description="Totals and per-second rates of the KVM counters of this host.")
     stat.add_argument("--vm", action="store_true", help="also per VM")
@@ -136,6 +132,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"libvirt connection of the libvirt source (default {DEFAULT_URI})")
     stat.add_argument("--json", action="store_true", help="one JSON object per sample")
     stat.set_defaults(func=cmd_stat)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvmfleet", description="KVM statistics for hypervisor fleets.")
+    parser.add_argument("--version", action="version", version=f"kvmfleet {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what sources skip and why")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_stat(sub)
 
     facts = sub.add_parser("facts", help="host facts: CPU, KVM module, EPT/NPT verdict, lockdown, sources")
     facts.add_argument("--json", action="store_true")
