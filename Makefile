@@ -26,7 +26,7 @@ $(STAMP): setup.cfg pyproject.toml requirements-ansible.txt
 install: $(STAMP)
 
 lint: install
-	$(BIN)/ruff check plugins tests bench
+	$(BIN)/ruff check plugins tests bench scripts/demo scripts/generate
 
 # also run by `make test` (tests/ansible/test_lint.py); here for a quick look
 ansible-lint: install
