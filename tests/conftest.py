@@ -6,6 +6,11 @@ import os
 import sys
 
 import pytest
+from hypothesis import settings
+
+# Property tests draw the same examples on every run: a run that passes passes again (CI lands on one run).
+settings.register_profile("kvmfleet", derandomize=True, print_blob=True)
+settings.load_profile("kvmfleet")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

@@ -13,12 +13,13 @@ import math
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from tests.audit.conftest import audit, write_fleet
 from tests.support import synthetic as sy
 from tests.support.servers import InfluxDB1
 
+from kvmfleet.audit.client import AuditError
 from kvmfleet.audit.engine import AuditResult
 from kvmfleet.audit.model import HostData, VMData
 from kvmfleet.audit.report import render, to_dict
@@ -137,8 +138,14 @@ def fleet_specs(draw: Any) -> list[sy.HostSpec]:
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(fleet_specs())
+@example([sy.make_host("p0-ept", "ept", n_vms=0, no_facts=True, fields=["mmu_pte_updated"])])  # writes nothing
 def test_whole_audit_on_generated_fleets_in_influxdb(audit_influx: InfluxDB1, hosts: list[sy.HostSpec]) -> None:
     db = write_fleet(audit_influx, hosts, minutes=10)
+    if not audit_influx.rows('SELECT count(*) FROM "kvm"', db=db):
+        # the fleet wrote no host sample at all (no VM and no field it knows): the audit fails closed
+        with pytest.raises(AuditError, match="no kvm samples"):
+            audit(audit_influx, db, charts=True)
+        return
     result = audit(audit_influx, db, charts=True)
     doc = to_dict(result)
     assert _all_finite(doc)
