@@ -86,9 +86,12 @@ def yama_scope(path: str = YAMA_FILE) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def denied_cause(fields: dict[str, str], scope: int | None) -> str:
+def denied_cause(fields: dict[str, str], scope: int | None, attach: bool = True) -> str:
     """Why ptrace access to another process is refused, from this process's status fields and Yama's scope,
-    when the syscall itself is allowed (:func:`probe_self`)."""
+    when the syscall itself is allowed (:func:`probe_self`). Yama restricts only attaching (``pidfd_getfd``), not
+    reading (``/proc/<pid>/fd`` links): ``attach`` False leaves it out."""
+    if not attach:
+        scope = None
     cap_eff = fields.get("CapEff", "")
     has_cap = bool(int(cap_eff, 16) >> CAP_SYS_PTRACE & 1) if re.fullmatch(r"[0-9a-fA-F]+", cap_eff) else None
     causes = []
@@ -96,7 +99,7 @@ def denied_cause(fields: dict[str, str], scope: int | None) -> str:
         causes.append(f"Yama ptrace_scope is 3 ({YAMA_FILE}): no process may attach to another, root included, "
                       "until the next boot")
     if has_cap is False:
-        cap = (f"this process lacks CAP_SYS_PTRACE (CapEff {cap_eff} in /proc/self/status), needed to borrow from a "
+        cap = (f"this process lacks CAP_SYS_PTRACE (CapEff {cap_eff} in /proc/self/status), needed to reach a "
                "process with capabilities it lacks: give it back (podman --cap-add SYS_PTRACE, a unit's "
                "CapabilityBoundingSet=)")
         if scope in (1, 2):
@@ -104,7 +107,8 @@ def denied_cause(fields: dict[str, str], scope: int | None) -> str:
         causes.append(cap)
     if causes:
         return "; and ".join(causes)
-    yama = "no Yama" if scope is None else f"Yama ptrace_scope {scope}"
+    yama = ("Yama does not restrict reading" if not attach else
+            "no Yama" if scope is None else f"Yama ptrace_scope {scope}")
     has = "an unreadable CapEff" if has_cap is None else f"CAP_SYS_PTRACE (CapEff {cap_eff})"
     return (f"neither capabilities nor Yama explain it ({has}, {yama}): a security module (AppArmor, SELinux) "
             "refuses it, or this process runs in a user namespace other than the VMM's")
@@ -117,3 +121,10 @@ def denied_reason(pid: int) -> str:
     if probe.allowed is False:
         return probe.reason
     return f"pidfd_getfd denied for pid {pid}: {denied_cause(procfs.self_status(), yama_scope())}"
+
+
+def fd_table_denied_reason(pid: int) -> str:
+    """Why the links in ``/proc/<pid>/fd`` cannot be read (they need ptrace read access to ``pid``; no seccomp
+    filter is involved)."""
+    cause = denied_cause(procfs.self_status(), None, attach=False)
+    return f"cannot read the fd links of pid {pid} (/proc/{pid}/fd): {cause}"

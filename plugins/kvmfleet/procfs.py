@@ -80,7 +80,8 @@ class KvmFd:
 
 
 def kvm_fds(pid: int, proc: str = "/proc") -> list[KvmFd]:
-    """The KVM anon-inode fds a process holds, in fd order. Empty if it has exited."""
+    """The KVM anon-inode fds a process holds, in fd order. Empty if it has exited. EACCES/EPERM propagate, from
+    the listing or from the links (the listing is allowed where reading the links needs ptrace read access)."""
     fd_dir = f"{proc}/{pid}/fd"
     try:
         names = os.listdir(fd_dir)
@@ -92,7 +93,9 @@ def kvm_fds(pid: int, proc: str = "/proc") -> list[KvmFd]:
     for name in names:
         try:
             link = os.readlink(f"{fd_dir}/{name}")
-        except OSError:
+        except OSError as err:
+            if err.errno in (errno.EACCES, errno.EPERM):
+                raise
             continue  # closed between listdir and readlink
         match = _KVM_LINK.match(link)
         if match:

@@ -77,3 +77,14 @@ def test_this_process_may_borrow_its_own_fds_without_a_filter():
     mode, _ = procfs.parse_seccomp(procfs.self_status())
     probe = borrowrights.probe_self()
     assert probe == borrowrights.SelfProbe(True, "") if mode == 0 else probe.allowed is not None
+
+
+def test_reading_fd_links_leaves_yama_out():
+    """Yama restricts attaching only; /proc/<pid>/fd links need ptrace *read* access."""
+    assert borrowrights.denied_cause({"CapEff": NO_PTRACE}, 3, attach=False).startswith(
+        f"this process lacks CAP_SYS_PTRACE (CapEff {NO_PTRACE} in /proc/self/status)")
+    assert "Yama" not in borrowrights.denied_cause({"CapEff": NO_PTRACE}, 2, attach=False)
+    assert borrowrights.denied_cause({"CapEff": FULL}, 3, attach=False) == (
+        f"neither capabilities nor Yama explain it (CAP_SYS_PTRACE (CapEff {FULL}), Yama does not restrict "
+        "reading): a security module (AppArmor, SELinux) refuses it, or this process runs in a user namespace "
+        "other than the VMM's")

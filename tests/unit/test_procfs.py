@@ -1,4 +1,7 @@
+import errno
 import os
+
+import pytest
 
 from kvmfleet import procfs
 from kvmfleet.sources.statsfd import _group_by_vm
@@ -78,3 +81,15 @@ def test_pid_namespace_by_its_inode_first_then_nspid(tmp_path):
 def test_this_process_pid_namespace_is_read():
     ns = procfs.pid_namespace()
     assert ns.nspid and ns.nspid[-1] == os.getpid() and ns.inode == os.stat("/proc/self/ns/pid").st_ino
+
+
+def test_kvm_fds_lets_a_refused_link_through(tmp_path, monkeypatch):
+    """Without ptrace read access the fd directory lists but its links do not read: that is no empty fd table."""
+    proc = fake_proc(tmp_path, 10, {4: "anon_inode:kvm-vm"})
+
+    def refused(path):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(os, "readlink", refused)
+    with pytest.raises(PermissionError):
+        procfs.kvm_fds(10, proc)

@@ -183,8 +183,8 @@ class StatsfdSource(Source):
         try:
             kvm_fds = procfs.kvm_fds(pid, self.proc)
         except OSError as err:
-            if err.errno == errno.EACCES:
-                self._denied = f"cannot read /proc/{pid}/fd: not root?"
+            if err.errno in (errno.EACCES, errno.EPERM):
+                self._denied = borrowrights.fd_table_denied_reason(pid)
             self._others[pid] = (started, now)
             return
         if not any(kfd.kind in ("vm", "vm-stats", "vcpu-stats") for kfd in kvm_fds):
