@@ -487,6 +487,16 @@ def _show(value: object) -> str:
     return str(value)
 
 
+def _confinement_rows(facts: HostFacts) -> list[tuple[str, str]]:
+    filters = facts.seccomp_filters
+    return [
+        ("seccomp", facts.seccomp + ("" if filters is None else f" ({filters} filter{'' if filters == 1 else 's'})")),
+        ("pidfd_getfd allowed", _show(facts.pidfd_getfd_allowed)
+         + (f": {facts.pidfd_getfd_reason}" if facts.pidfd_getfd_reason else "")),
+        ("host PID namespace", _show(facts.pid_ns_host) + f" (NSpid {_show(facts.nspid)})"),
+    ]
+
+
 def format_text(facts: HostFacts) -> str:
     """Aligned ``key: value`` lines for humans, TDP verdict first."""
     tdp = facts.tdp
@@ -514,11 +524,7 @@ def format_text(facts: HostFacts) -> str:
         ("debugfs mounted", _show(facts.debugfs_mounted)),
         ("root", _show(facts.is_root)),
         ("CAP_SYS_PTRACE", _show(facts.cap_sys_ptrace)),
-        ("seccomp", facts.seccomp + ("" if facts.seccomp_filters is None else
-                                     f" ({facts.seccomp_filters} filter{'' if facts.seccomp_filters == 1 else 's'})")),
-        ("pidfd_getfd allowed", _show(facts.pidfd_getfd_allowed)
-         + (f": {facts.pidfd_getfd_reason}" if facts.pidfd_getfd_reason else "")),
-        ("host PID namespace", _show(facts.pid_ns_host) + f" (NSpid {_show(facts.nspid)})"),
+        *_confinement_rows(facts),
         (
             "yama ptrace_scope",
             "no Yama" if facts.yama_present is False else _show(facts.yama_ptrace_scope),
