@@ -22,7 +22,7 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import words
+from . import borrowrights, procfs, words
 from .tdp import TDP_UNKNOWN, TdpVerdict, tdp_verdict
 
 UNKNOWN = "unknown"
@@ -32,7 +32,7 @@ UNKNOWN = "unknown"
 KNOWN_BACKENDS = ("kvm_intel", "kvm_amd", "kvm_pvm")
 
 # Bit 19 of the capability sets is CAP_SYS_PTRACE (include/uapi/linux/capability.h).
-CAP_SYS_PTRACE = 19
+CAP_SYS_PTRACE = borrowrights.CAP_SYS_PTRACE
 
 # Anything bigger than this is not a /proc or /sys file we want; read no further.
 _MAX_READ = 16 * 1024 * 1024
@@ -75,6 +75,12 @@ class HostFacts:
     yama_ptrace_scope: int | None = None  # None when Yama is absent or unreadable
     cap_eff: str | None = None  # CapEff from /proc/self/status, hex as the kernel prints it
     cap_sys_ptrace: bool | None = None
+    seccomp: str = UNKNOWN  # disabled / strict / filter: Seccomp in /proc/self/status
+    seccomp_filters: int | None = None  # Seccomp_filters (Linux 5.9)
+    pidfd_getfd_allowed: bool | None = None  # borrowing our own fd works (no filter refuses it); live host only
+    pidfd_getfd_reason: str = ""  # why not
+    nspid: list[int] = field(default_factory=list)  # NSpid: this process's pid in each PID namespace /proc shows
+    pid_ns_host: bool | None = None  # in the host's (initial) PID namespace, whose pids debugfs uses
     # Verdict.
     tdp: TdpVerdict = field(
         default_factory=lambda: TdpVerdict(
@@ -401,12 +407,8 @@ def _gather_yama(facts: HostFacts, root: str) -> None:
 
 def _gather_status(facts: HostFacts, root: str) -> None:
     text, why = _read(root, "proc/self/status")
-    fields: dict[str, str] = {}
-    if text is not None:
-        for line in text.splitlines():
-            key, sep, val = line.partition(":")
-            if sep:
-                fields.setdefault(key.strip(), val.strip())
+    fields = procfs.status_fields(text) if text is not None else {}
+    _gather_confinement(facts, root, fields, why)
     # Uid: real effective saved fs.
     uids = fields.get("Uid", "").split()
     if len(uids) >= 2 and uids[1].isdigit():
@@ -423,6 +425,26 @@ def _gather_status(facts: HostFacts, root: str) -> None:
         return
     facts.cap_eff = cap
     facts.cap_sys_ptrace = bool(value >> CAP_SYS_PTRACE & 1)
+
+
+def _gather_confinement(facts: HostFacts, root: str, fields: dict[str, str], why: str | None) -> None:
+    """Seccomp mode, whether pidfd_getfd is allowed (probed on the live host only), and the PID namespace."""
+    mode, facts.seccomp_filters = procfs.parse_seccomp(fields)
+    if mode is None:
+        facts.why_unknown["seccomp"] = why or "no Seccomp line in proc/self/status"
+    else:
+        facts.seccomp = borrowrights.SECCOMP_MODES.get(mode, f"mode {mode}")
+    if root in ("/", ""):
+        probe = borrowrights.probe_self()
+        facts.pidfd_getfd_allowed, facts.pidfd_getfd_reason = probe.allowed, probe.reason
+    else:
+        facts.why_unknown["pidfd_getfd_allowed"] = "probed on the live host only"
+    namespace = procfs.PidNamespace(procfs.parse_nspid(fields.get("NSpid", "")),
+                                    procfs.pid_ns_inode(_path(root, "proc")))
+    facts.nspid = list(namespace.nspid)
+    facts.pid_ns_host = namespace.host
+    if facts.pid_ns_host is None:
+        facts.why_unknown["pid_ns_host"] = "no NSpid line in proc/self/status and no proc/self/ns/pid"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -465,6 +487,16 @@ def _show(value: object) -> str:
     return str(value)
 
 
+def _confinement_rows(facts: HostFacts) -> list[tuple[str, str]]:
+    filters = facts.seccomp_filters
+    return [
+        ("seccomp", facts.seccomp + ("" if filters is None else f" ({filters} filter{'' if filters == 1 else 's'})")),
+        ("pidfd_getfd allowed", _show(facts.pidfd_getfd_allowed)
+         + (f": {facts.pidfd_getfd_reason}" if facts.pidfd_getfd_reason else "")),
+        ("host PID namespace", _show(facts.pid_ns_host) + f" (NSpid {_show(facts.nspid)})"),
+    ]
+
+
 def format_text(facts: HostFacts) -> str:
     """Aligned ``key: value`` lines for humans, TDP verdict first."""
     tdp = facts.tdp
@@ -492,6 +524,7 @@ def format_text(facts: HostFacts) -> str:
         ("debugfs mounted", _show(facts.debugfs_mounted)),
         ("root", _show(facts.is_root)),
         ("CAP_SYS_PTRACE", _show(facts.cap_sys_ptrace)),
+        *_confinement_rows(facts),
         (
             "yama ptrace_scope",
             "no Yama" if facts.yama_present is False else _show(facts.yama_ptrace_scope),

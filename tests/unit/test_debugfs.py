@@ -4,7 +4,7 @@ import os
 import pytest
 
 from kvmfleet.logsay import SayOnce
-from kvmfleet.model import StatType, StatUnit
+from kvmfleet.model import StatType, StatUnit, Usability
 from kvmfleet.sources.debugfs import DebugfsSource
 
 
@@ -86,3 +86,44 @@ def test_missing_debugfs(tmp_path):
     source = DebugfsSource(str(tmp_path / "nope"), str(tmp_path))
     assert source.read() == []
     assert "not mounted" in source.usability().reason
+
+
+def in_pid_namespace(proc, nspid="1", ns_link="pid:[4026532180]"):
+    """Make the fake /proc say this process runs in a PID namespace of its own, with its own /proc mounted."""
+    (proc / "self" / "ns").mkdir(parents=True)
+    (proc / "self" / "status").write_text(f"Name:\tkvmfleet\nNSpid:\t{nspid}\nSeccomp:\t0\n")
+    os.symlink(ns_link, proc / "self" / "ns" / "pid")
+
+
+@pytest.mark.parametrize("lockdown", ["none", "integrity", "unknown"])
+def test_own_pid_namespace_reads_lists_and_names_nothing(tree, monkeypatch, lockdown):
+    """The debugfs pids are the host's; here pid 100 and 200 are other processes: none of them is named."""
+    kvm, proc = tree
+    in_pid_namespace(proc)
+    monkeypatch.setattr("kvmfleet.sources.debugfs.lockdown_mode", lambda: lockdown)
+    source = DebugfsSource(str(kvm), str(proc), say=SayOnce())
+    assert source.read() == [] and source.listed_vms() == [] and source.identity(100, 11) is None
+    also = "; kernel lockdown (integrity) also denies reading " + str(kvm) if lockdown == "integrity" else ""
+    assert source.usability() == Usability(False, "this process runs in a PID namespace of its own (NSpid 1 in "
+                                  "/proc/self/status, /proc/self/ns/pid is pid:[4026532180], the host's is "
+                                  "pid:[4026531836]): debugfs names VMs by the host's pids, which match no process "
+                                  "here, or the wrong one (run the collector in the host's PID namespace, e.g. "
+                                  "podman --pid=host; statsfd reads the VMMs of this namespace)" + also)
+
+
+def test_host_pid_namespace_reads_as_before(tree):
+    kvm, proc = tree
+    in_pid_namespace(proc, nspid="4242", ns_link="pid:[4026531836]")
+    source = DebugfsSource(str(kvm), str(proc))
+    assert sorted(r.identity.name for r in source.read()) == ["db", "web"]
+    assert source.usability().usable
+
+
+def test_nested_namespace_seen_through_the_hosts_proc_by_nspid_alone(tree):
+    """No /proc/self/ns (old kernels): NSpid with two entries still says nested."""
+    kvm, proc = tree
+    (proc / "self").mkdir()
+    (proc / "self" / "status").write_text("NSpid:\t31227\t1\n")
+    source = DebugfsSource(str(kvm), str(proc))
+    assert source.read() == [] and source.listed_vms() == []
+    assert "(NSpid 31227 1 in /proc/self/status)" in source.usability().reason

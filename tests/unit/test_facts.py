@@ -601,3 +601,36 @@ def test_real_machine() -> None:
         assert f.kvm_backend == "kvm_pvm"
         assert f.tdp["is_guest"] is True
         assert f.tdp_mmu is False
+
+
+# --- confinement: seccomp, pidfd_getfd, PID namespace --------------------------------------------
+
+
+def test_seccomp_and_pid_namespace_from_the_tree(tmp_path: Path) -> None:
+    make_tree(tmp_path, status=STATUS_ROOT + "NSpid:\t1\nSeccomp:\t2\nSeccomp_filters:\t4\n")
+    (tmp_path / "proc/self/ns").mkdir()
+    os.symlink("pid:[4026532180]", tmp_path / "proc/self/ns/pid")
+    f = F.gather(str(tmp_path))
+    assert (f.seccomp, f.seccomp_filters) == ("filter", 4)
+    assert f.nspid == [1] and f.pid_ns_host is False  # one NSpid entry, yet not the host's namespace
+    assert f.pidfd_getfd_allowed is None and "pidfd_getfd_allowed" in f.why_unknown  # probed live only
+    text = F.format_text(f)
+    assert "seccomp:" in text and "filter (4 filters)" in text and "no (NSpid 1)" in text
+
+
+def test_old_kernel_status_without_seccomp_or_nspid(tmp_path: Path) -> None:
+    make_tree(tmp_path)
+    f = F.gather(str(tmp_path))
+    assert f.seccomp == "unknown" and f.seccomp_filters is None and "seccomp" in f.why_unknown
+    assert f.nspid == [] and f.pid_ns_host is None and "pid_ns_host" in f.why_unknown
+
+
+def test_confinement_of_this_process() -> None:
+    f = F.gather("/")
+    assert f.nspid and f.nspid[-1] == os.getpid()
+    assert f.pid_ns_host is (os.stat("/proc/self/ns/pid").st_ino == 0xEFFFFFFC)
+    if f.seccomp == "disabled":
+        assert f.pidfd_getfd_allowed is True and f.pidfd_getfd_reason == ""
+    d = f.to_dict()
+    assert {"seccomp", "seccomp_filters", "pidfd_getfd_allowed", "pidfd_getfd_reason", "nspid",
+            "pid_ns_host"} <= set(d)

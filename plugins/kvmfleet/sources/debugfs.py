@@ -8,6 +8,12 @@ kept one open would keep a dead VM's memory alive (``docs/statistics.md``, "Borr
 Under kernel lockdown reads fail with EPERM (integrity mode blocks the 0644 files, confidentiality
 all of them); the listing still works, so :meth:`DebugfsSource.listed_vms` keeps naming VMs for
 discovery while :meth:`usability` says why the counters cannot be read.
+
+The ``<pid>`` of a directory is the VMM's pid in the host's (initial) PID namespace. A collector in a PID
+namespace of its own (a container, ``unshare --pid``) sees other pids in its /proc: a host pid names no
+process there, or an unrelated one. There the source reads nothing, lists nothing and names nobody, so
+that no VM is given another process's identity; :meth:`usability` says why. Reasons, first that applies:
+the PID namespace (with lockdown added when it would deny reads too), debugfs missing, lockdown.
 """
 
 from __future__ import annotations
@@ -49,6 +55,16 @@ def guess_desc(name: str, mode: int) -> StatDesc | None:
     return StatDesc(name, kind)
 
 
+def foreign_pids_reason(namespace: procfs.PidNamespace) -> str:
+    """Why debugfs's pids name no process of ours in ``namespace`` (this process's), or "" when they do (or it
+    cannot be told: kernels before 4.1 without NSpid, no /proc/self/ns)."""
+    if namespace.host is not False:
+        return ""
+    return (f"this process runs in a PID namespace of its own ({namespace.describe()}): debugfs names VMs by the "
+            "host's pids, which match no process here, or the wrong one (run the collector in the host's PID "
+            "namespace, e.g. podman --pid=host; statsfd reads the VMMs of this namespace)")
+
+
 class DebugfsSource(Source):
     name = "debugfs"
 
@@ -59,6 +75,7 @@ class DebugfsSource(Source):
         self._usability = Usability(True, "not read yet")
         self._descs: dict[str, StatDesc | None] = {}  # by file name: the same for every VM
         self._identities: dict[tuple[int, int], VMIdentity] = {}
+        self._foreign = foreign_pids_reason(procfs.pid_namespace(proc))  # "" where debugfs pids are ours
 
     def usability(self) -> Usability:
         return self._usability
@@ -69,7 +86,10 @@ class DebugfsSource(Source):
         return []
 
     def listed_vms(self) -> list[tuple[int, int]]:
-        """(pid, vm fd) of every VM debugfs names; works under lockdown too."""
+        """(pid, vm fd) of every VM debugfs names; works under lockdown too. None in a PID namespace of our own:
+        those pids are the host's."""
+        if self._foreign:
+            return []
         try:
             names = os.listdir(self.root)
         except OSError:
@@ -82,6 +102,8 @@ class DebugfsSource(Source):
         return found
 
     def identity(self, pid: int, vm_fd: int) -> VMIdentity | None:
+        if self._foreign:
+            return None  # a host pid: the process with that pid here is another one, if any
         cached = self._identities.get((pid, vm_fd))
         started = procfs.start_time(pid, self.proc)
         if started is None:
@@ -126,6 +148,11 @@ class DebugfsSource(Source):
         return stats, descs
 
     def read(self) -> list[VMReading]:
+        if self._foreign:
+            mode = lockdown_mode()
+            also = (f"; kernel lockdown ({mode}) also denies reading {self.root}"
+                    if mode in ("integrity", "confidentiality") else "")
+            return self._unusable(self._foreign + also)
         if not os.path.isdir(self.root):
             return self._unusable(f"{self.root} not present (debugfs not mounted, or no KVM module)")
         readings = []

@@ -26,7 +26,7 @@ from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .. import procfs
+from .. import borrowrights, procfs
 from ..binstats import StatsFormatError, StatsLayout
 from ..identity import parse_identity
 from ..logsay import SayOnce
@@ -117,14 +117,18 @@ class StatsfdSource(Source):
         self._self_pid = os.getpid()
         self._descs_cache: dict[frozenset[Shape], dict[str, StatDesc]] = {}
         self.rejected_fds = 0  # borrowed fds that were not the stats fds their VMM listed, since the start
-        self._usability = self._probe()
+        self._static = self._usability = self._probe()  # what no later sample changes
 
     # -- state -------------------------------------------------------------------------------
     def _probe(self) -> Usability:
+        """Python, root, and a pidfd_getfd that no seccomp filter refuses (a filter, once installed, stays)."""
         if not hasattr(os, "pidfd_open"):
             return Usability(False, "Python lacks os.pidfd_open (needs 3.9 on Linux 5.3+)")
         if os.geteuid() != 0:
             return Usability(False, "not root: borrowing a VMM's fds needs root with CAP_SYS_PTRACE")
+        probe = borrowrights.probe_self()
+        if probe.allowed is False:
+            return Usability(False, probe.reason)
         return Usability(True, "not read yet")
 
     def usability(self) -> Usability:
@@ -179,8 +183,8 @@ class StatsfdSource(Source):
         try:
             kvm_fds = procfs.kvm_fds(pid, self.proc)
         except OSError as err:
-            if err.errno == errno.EACCES:
-                self._denied = f"cannot read /proc/{pid}/fd: not root?"
+            if err.errno in (errno.EACCES, errno.EPERM):
+                self._denied = borrowrights.fd_table_denied_reason(pid)
             self._others[pid] = (started, now)
             return
         if not any(kfd.kind in ("vm", "vm-stats", "vcpu-stats") for kfd in kvm_fds):
@@ -231,8 +235,7 @@ class StatsfdSource(Source):
             fd = procfs.pidfd_getfd(vmm.pidfd, kfd.fd)
         except OSError as err:
             if err.errno in (errno.EPERM, errno.EACCES):
-                self._denied = ("pidfd_getfd denied: needs CAP_SYS_PTRACE and Yama ptrace_scope < 3 "
-                                f"(pid {vmm.pid})")
+                self._denied = borrowrights.denied_reason(vmm.pid)
             elif err.errno in (errno.EMFILE, errno.ENFILE):
                 self.say("statsfd-emfile", f"kvmfleet: out of file descriptors borrowing stats fds ({err}); "
                          "raise the collector's RLIMIT_NOFILE (about 1 + vCPUs + 1 per VM)")
@@ -285,8 +288,8 @@ class StatsfdSource(Source):
 
     # -- reading -----------------------------------------------------------------------------
     def read(self) -> list[VMReading]:
-        if not self._probe():
-            self._usability = self._probe()
+        if not self._static:
+            self._usability = self._static
             self.say("statsfd", f"kvmfleet: statsfd source unusable: {self._usability.reason}")
             return []
         self._reap_exited()
