@@ -176,6 +176,25 @@ def test_stat_cli_json_names_the_vm_with_exact_counts():
     assert obj["host"]["mmio_exits"] >= 154
 
 
+def test_another_collectors_borrowed_fds_are_not_a_vm():
+    """A collector holding a guest's borrowed stats fds (collectd's plugin beside `kvmfleet stat`) is no VMM: the
+    guest is listed once, the collector not at all, and the host totals count the guest once."""
+    with launch("t-borrowed", vcpus=2, workload="mmio", loops=91) as guest:
+        guest.wait_ready(30)
+        with StatsfdSource(only_pids={guest.pid}) as holder:
+            holder.read()
+            assert holder.held_fds() == 4  # the VM stats fd, two vCPU stats fds and the pidfd
+            out = subprocess.run([sys.executable, "-m", "kvmfleet.cli", "stat", "--json", "-n", "1", "--vm",
+                                  "--source", "statsfd", "-f", "^mmio_exits$"],
+                                 capture_output=True, text=True, check=True, timeout=60).stdout
+    obj = json.loads(out)
+    pids = [vm["pid"] for vm in obj["vms"]]
+    assert os.getpid() not in pids
+    assert pids.count(guest.pid) == 1
+    assert sum(vm["stats"]["mmio_exits"] for vm in obj["vms"]) == obj["host"]["mmio_exits"]
+    assert next(vm for vm in obj["vms"] if vm["pid"] == guest.pid)["stats"] == {"mmio_exits": 182}
+
+
 def test_selftest_passes_on_this_host():
     run = subprocess.run([sys.executable, "-m", "kvmfleet.cli", "selftest", "--json"],
                          capture_output=True, text=True, timeout=120)

@@ -97,6 +97,14 @@ def _group_by_vm(kvm_fds: list[procfs.KvmFd]) -> tuple[list[int], dict[int, int]
     return vm_fds, owner
 
 
+def _is_vmm(kvm_fds: list[procfs.KvmFd]) -> bool:
+    """Whether a process with these KVM fds runs a VM whose stats can be read here. Stats fds alone are another
+    collector's borrowed copies (kvmfleet's collectd plugin beside ``kvmfleet stat``), not a VM: a VMM holds its VM
+    or vCPU fds as long as its guest lives."""
+    kinds = {kfd.kind for kfd in kvm_fds}
+    return bool(kinds & {"vm", "vcpu"}) and bool(kinds & {"vm", "vm-stats", "vcpu-stats"})
+
+
 class StatsfdSource(Source):
     name = "statsfd"
 
@@ -187,7 +195,7 @@ class StatsfdSource(Source):
                 self._denied = borrowrights.fd_table_denied_reason(pid)
             self._others[pid] = (started, now)
             return
-        if not any(kfd.kind in ("vm", "vm-stats", "vcpu-stats") for kfd in kvm_fds):
+        if not _is_vmm(kvm_fds):
             self._others[pid] = (started, now)
             return
         try:
