@@ -13,7 +13,10 @@ The connection is opened once and kept. Every libvirt call runs in a short-lived
 waits for at most ``timeout_s``: the client has no call timeout of its own, and a libvirtd that is stopped
 (SIGSTOP) or wedged would otherwise hang collectd's read thread for good. A failed or timed-out call drops the
 connection; reconnects are tried with a backoff from ``retry_min_s`` to ``retry_max_s``. A close callback would
-need a running libvirt event loop, so failures are noticed by the call that fails instead.
+need a running libvirt event loop, so failures are noticed by the call that fails instead. Connecting runs in the
+background too: the first connect is waited for (``timeout_s`` at most), a reconnect for ``RECONNECT_WAIT_S`` only,
+and the samples meanwhile go on without libvirt. A socket-activated libvirtd that restarts accepts the connection at
+once but answers only once it is up, seconds later: the other sources' samples must not wait for it.
 
 Each domain's identity is its libvirt name and UUID; its :class:`VMKey` is the QEMU process (pid from
 ``/run/libvirt/qemu/<name>.pid``, else the QEMU whose ``-uuid`` matches), its start time and its
@@ -159,6 +162,11 @@ class _Domain:
     identity: VMIdentity
 
 
+# How long a sample waits for a reconnect (the first connect waits up to timeout_s): a sample that waits for a
+# restarting libvirtd costs every other source's counters that interval.
+RECONNECT_WAIT_S = 0.25
+
+
 class LibvirtSource(Source):
     name = "libvirt"
 
@@ -181,6 +189,10 @@ class LibvirtSource(Source):
         self._lv = import_libvirt()
         self._conn: Any = None
         self._busy: threading.Thread | None = None  # a call that has not come back (libvirtd hung)
+        self._connecting: threading.Thread | None = None  # a connect in the background, and when it began
+        self._connect_began = 0.0
+        self._opened: list[tuple[bool, Any]] = []  # what the background connect gave: (ok, (conn, versions) or error)
+        self._connected_once = False
         self._next_try = 0.0
         self._delay = retry_min_s
         self._keys: dict[str, _Key | str | None] = {}
@@ -238,20 +250,61 @@ class LibvirtSource(Source):
         self.say("libvirt", f"kvmfleet: libvirt source unusable: {reason}", self._level)
         return []
 
-    def _connect(self) -> bool:
+    def _open(self) -> None:
+        """In the connect thread: the connection and the versions, or the error."""
         assert self._lv is not None
-        lv = self._lv
+        conn = None
         try:
-            self._conn = self._call(lv.open, self.uri)
-            self.versions = {"library": int(lv.getVersion()),
-                             "daemon": int(self._call(self._conn.getLibVersion)),
-                             "hypervisor": int(self._call(self._conn.getVersion))}
-        except _Timeout as err:
-            self._fail(f"cannot connect to {self.uri}: {err}")
+            conn = self._lv.open(self.uri)
+            versions = {"library": int(self._lv.getVersion()), "daemon": int(conn.getLibVersion()),
+                        "hypervisor": int(conn.getVersion())}
+            self._opened.append((True, (conn, versions)))
+        except BaseException as err:  # handed to the sample
+            if conn is not None:
+                try:
+                    conn.close()
+                except Exception:  # a half-open connection: nothing more to release
+                    pass
+            self._opened.append((False, err))
+
+    def _close_late(self) -> None:
+        """Close what a connect given up on (timed out) opened after all, and forget it."""
+        for ok, result in self._opened:
+            if ok:
+                try:
+                    result[0].close()
+                except Exception:  # nothing more to release
+                    pass
+        self._opened.clear()
+
+    def _connect(self) -> bool:
+        """Start a connect in the background if none runs, wait for it a little (the first one up to ``timeout_s``),
+        and take its result when it is there."""
+        if self._connecting is None:
+            self._close_late()
+            self._connecting = threading.Thread(target=self._open, name="kvmfleet-libvirt-connect", daemon=True)
+            self._connect_began = time.monotonic()
+            self._connecting.start()
+        elapsed = time.monotonic() - self._connect_began
+        wait = self.timeout_s if not self._connected_once else min(RECONNECT_WAIT_S, self.timeout_s)
+        self._connecting.join(max(0.0, min(wait, self.timeout_s - elapsed)))
+        if self._connecting.is_alive():
+            if time.monotonic() - self._connect_began < self.timeout_s:
+                self._usability = Usability(False, f"connecting to {self.uri} (libvirtd starting?)")
+                return False
+            self._busy, self._connecting = self._connecting, None
+            self._fail(f"cannot connect to {self.uri}: libvirtd did not answer within {self.timeout_s:g} s")
             return False
-        except lv.libvirtError as err:
-            self._fail(f"cannot connect to {self.uri}: {_message(err)} (is libvirtd running?)")
+        self._connecting = None
+        ok, result = self._opened[0]
+        if not ok:
+            detail = _message(result)
+            if self._lv is not None and isinstance(result, self._lv.libvirtError):
+                detail += " (is libvirtd running?)"
+            self._fail(f"cannot connect to {self.uri}: {detail}")
             return False
+        self._conn, self.versions = result
+        self._connected_once = True
         daemon, qemu = self.versions["daemon"], self.versions["hypervisor"]
         if daemon < MIN_LIBVIRT or (qemu and qemu < MIN_QEMU):
             self._fail(f"libvirtd {version_text(daemon)} with QEMU {version_text(qemu)} has no VM stats group "
@@ -270,7 +323,7 @@ class LibvirtSource(Source):
                 return False
             self._busy = None
         if self._conn is None:
-            if self._clock() < self._next_try:
+            if self._connecting is None and self._clock() < self._next_try:
                 return False
             if not self._connect():
                 return False
