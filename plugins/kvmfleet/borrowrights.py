@@ -86,6 +86,11 @@ def yama_scope(path: str = YAMA_FILE) -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def has_cap_sys_ptrace(cap_eff: str) -> bool | None:
+    """Whether a ``CapEff`` value (hex, as /proc/<pid>/status prints it) holds CAP_SYS_PTRACE; None if garbled."""
+    return bool(int(cap_eff, 16) >> CAP_SYS_PTRACE & 1) if re.fullmatch(r"[0-9a-fA-F]+", cap_eff) else None
+
+
 def denied_cause(fields: dict[str, str], scope: int | None, attach: bool = True) -> str:
     """Why ptrace access to another process is refused, from this process's status fields and Yama's scope,
     when the syscall itself is allowed (:func:`probe_self`). Yama restricts only attaching (``pidfd_getfd``), not
@@ -93,7 +98,7 @@ def denied_cause(fields: dict[str, str], scope: int | None, attach: bool = True)
     if not attach:
         scope = None
     cap_eff = fields.get("CapEff", "")
-    has_cap = bool(int(cap_eff, 16) >> CAP_SYS_PTRACE & 1) if re.fullmatch(r"[0-9a-fA-F]+", cap_eff) else None
+    has_cap = has_cap_sys_ptrace(cap_eff)
     causes = []
     if scope == 3:
         causes.append(f"Yama ptrace_scope is 3 ({YAMA_FILE}): no process may attach to another, root included, "

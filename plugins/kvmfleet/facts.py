@@ -31,9 +31,6 @@ UNKNOWN = "unknown"
 # the CPU flags do not settle it. kvm_pvm is the PVM backend (pure software, shadow paging only).
 KNOWN_BACKENDS = ("kvm_intel", "kvm_amd", "kvm_pvm")
 
-# Bit 19 of the capability sets is CAP_SYS_PTRACE (include/uapi/linux/capability.h).
-CAP_SYS_PTRACE = borrowrights.CAP_SYS_PTRACE
-
 # Anything bigger than this is not a /proc or /sys file we want; read no further.
 _MAX_READ = 16 * 1024 * 1024
 
@@ -418,13 +415,12 @@ def _gather_status(facts: HostFacts, root: str) -> None:
     else:
         facts.why_unknown["is_root"] = why or "no Uid line in proc/self/status"
     cap = fields.get("CapEff", "")
-    try:
-        value = int(cap, 16)
-    except ValueError:
+    has_cap = borrowrights.has_cap_sys_ptrace(cap)
+    if has_cap is None:
         facts.why_unknown["cap_sys_ptrace"] = why or f"cannot parse CapEff {cap[:40]!r} in proc/self/status"
         return
     facts.cap_eff = cap
-    facts.cap_sys_ptrace = bool(value >> CAP_SYS_PTRACE & 1)
+    facts.cap_sys_ptrace = has_cap
 
 
 def _gather_confinement(facts: HostFacts, root: str, fields: dict[str, str], why: str | None) -> None:

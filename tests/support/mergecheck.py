@@ -24,8 +24,7 @@ import sys
 import time
 from typing import Any
 
-# libvirt's own vCPU fields, which are not KVM statistics
-LIBVIRT_VCPU_FIELDS = frozenset({"state", "time", "wait", "delay", "halted"})
+# KVM statistics end in these; libvirt's own vCPU fields (vcpu.N.state, .time, ...) have no suffix
 SUFFIXES = frozenset({"sum", "cur", "max"})
 
 
@@ -50,8 +49,7 @@ def virsh_stats(uri: str, domain: str) -> tuple[dict[str, int], dict[int, dict[s
         parts = key.split(".")
         if parts[0] == "vm" and len(parts) == 3 and parts[2] in SUFFIXES:
             vm[parts[1]] = value
-        elif (parts[0] == "vcpu" and len(parts) == 4 and parts[1].isdigit() and parts[3] in SUFFIXES
-              and parts[2] not in LIBVIRT_VCPU_FIELDS):
+        elif parts[0] == "vcpu" and len(parts) == 4 and parts[1].isdigit() and parts[3] in SUFFIXES:
             vcpus.setdefault(int(parts[1]), {})[parts[2]] = value
     return vm, vcpus
 

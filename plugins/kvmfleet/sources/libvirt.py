@@ -53,6 +53,8 @@ SUFFIX_TYPES = {"sum": StatType.CUMULATIVE, "cur": StatType.INSTANT, "max": Stat
 LIBVIRT_VCPU_FIELDS = frozenset({"state", "time", "wait", "delay", "halted"})
 
 T = TypeVar("T")
+# what a call run in a thread gave: [(True, result)] or [(False, error)], empty while it runs
+_Box = list[tuple[bool, Any]]
 
 
 def import_libvirt() -> ModuleType | None:
@@ -191,7 +193,7 @@ class LibvirtSource(Source):
         self._busy: threading.Thread | None = None  # a call that has not come back (libvirtd hung)
         self._connecting: threading.Thread | None = None  # a connect in the background, and when it began
         self._connect_began = 0.0
-        self._opened: list[tuple[bool, Any]] = []  # what the background connect gave: (ok, (conn, versions) or error)
+        self._opened: _Box = []  # what the background connect gave: (ok, (conn, versions) or error)
         self._connected_once = False
         self._next_try = 0.0
         self._delay = retry_min_s
@@ -212,18 +214,24 @@ class LibvirtSource(Source):
         return self._usability
 
     # -- calls that cannot hang the caller ---------------------------------------------------------
-    def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` in a daemon thread, waited for ``timeout_s`` at most (raises :class:`_Timeout`)."""
-        box: list[Any] = []
+    @staticmethod
+    def _spawn(fn: Callable[..., Any], *args: Any, name: str = "kvmfleet-libvirt") -> tuple[threading.Thread, _Box]:
+        """``fn(*args)`` started in a daemon thread; the box gets ``(True, result)`` or ``(False, error)``."""
+        box: _Box = []
 
         def run() -> None:
             try:
                 box.append((True, fn(*args)))
-            except BaseException as err:  # handed to the caller
+            except BaseException as err:  # handed to whoever waits for it
                 box.append((False, err))
 
-        worker = threading.Thread(target=run, name="kvmfleet-libvirt", daemon=True)
+        worker = threading.Thread(target=run, name=name, daemon=True)
         worker.start()
+        return worker, box
+
+    def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` in a daemon thread, waited for ``timeout_s`` at most (raises :class:`_Timeout`)."""
+        worker, box = self._spawn(fn, *args)
         # a sample costs libvirtd a QMP round trip per domain (about 30 ms each for 50 SeaBIOS domains on a
         # 2-core host): the wait grows with the domains last seen
         timeout = max(self.timeout_s, 0.1 * len(self._domains))
@@ -250,22 +258,19 @@ class LibvirtSource(Source):
         self.say("libvirt", f"kvmfleet: libvirt source unusable: {reason}", self._level)
         return []
 
-    def _open(self) -> None:
-        """In the connect thread: the connection and the versions, or the error."""
+    def _open(self) -> tuple[Any, dict[str, int]]:
+        """In the connect thread: the connection and the versions (a half-open connection is closed on error)."""
         assert self._lv is not None
-        conn = None
+        conn = self._lv.open(self.uri)
         try:
-            conn = self._lv.open(self.uri)
-            versions = {"library": int(self._lv.getVersion()), "daemon": int(conn.getLibVersion()),
-                        "hypervisor": int(conn.getVersion())}
-            self._opened.append((True, (conn, versions)))
-        except BaseException as err:  # handed to the sample
-            if conn is not None:
-                try:
-                    conn.close()
-                except Exception:  # a half-open connection: nothing more to release
-                    pass
-            self._opened.append((False, err))
+            return conn, {"library": int(self._lv.getVersion()), "daemon": int(conn.getLibVersion()),
+                          "hypervisor": int(conn.getVersion())}
+        except BaseException:
+            try:
+                conn.close()
+            except Exception:  # a half-open connection: nothing more to release
+                pass
+            raise
 
     def _close_late(self) -> None:
         """Close what a connect given up on (timed out) opened after all, and forget it."""
@@ -275,16 +280,15 @@ class LibvirtSource(Source):
                     result[0].close()
                 except Exception:  # nothing more to release
                     pass
-        self._opened.clear()
+        self._opened = []
 
     def _connect(self) -> bool:
         """Start a connect in the background if none runs, wait for it a little (the first one up to ``timeout_s``),
         and take its result when it is there."""
         if self._connecting is None:
             self._close_late()
-            self._connecting = threading.Thread(target=self._open, name="kvmfleet-libvirt-connect", daemon=True)
             self._connect_began = time.monotonic()
-            self._connecting.start()
+            self._connecting, self._opened = self._spawn(self._open, name="kvmfleet-libvirt-connect")
         elapsed = time.monotonic() - self._connect_began
         wait = self.timeout_s if not self._connected_once else min(RECONNECT_WAIT_S, self.timeout_s)
         self._connecting.join(max(0.0, min(wait, self.timeout_s - elapsed)))
