@@ -69,7 +69,23 @@ FACT_FIELDS: tuple[Field, ...] = (
     Field("kvm_module", "string", "the KVM backend in use: `kvm_intel`, `kvm_amd`, `kvm_pvm`, ..., `none` (KVM not "
                                   "loaded) or `unknown`"),
     Field("vms", "integer", "VMs in this sample"),
-    Field("vcpus", "integer", "vCPUs seen one by one in this sample (stats fds; 0 for VMs read from debugfs only)"),
+    Field("vcpus", "integer", "vCPUs of every VM in this sample, whatever the source (stats fds, libvirt, debugfs "
+                              "`vcpuN` directories)"),
+    # capacity: what the host has to give, and how KVM polls before it lets a halted vCPU sleep
+    Field("cpus_online", "integer", "logical CPUs online (`/sys/devices/system/cpu/online`): what the host "
+                                    "schedules vCPUs on"),
+    Field("mem_total_bytes", "integer", "`MemTotal` of `/proc/meminfo`, in bytes"),
+    Field("halt_poll_ns", "integer", "`kvm.halt_poll_ns`: the longest a halted vCPU polls before it sleeps (0: "
+                                     "no polling)"),
+    Field("halt_poll_ns_grow", "integer", "`kvm.halt_poll_ns_grow`: the factor a vCPU's poll time grows by after a "
+                                          "wakeup within it"),
+    Field("halt_poll_ns_grow_start", "integer", "`kvm.halt_poll_ns_grow_start`: the poll time a vCPU starts "
+                                                "growing from"),
+    Field("halt_poll_ns_shrink", "integer", "`kvm.halt_poll_ns_shrink`: the divisor of a vCPU's poll time after a "
+                                            "poll that failed (0: reset to 0)"),
+    Field("nx_huge_pages", "boolean", "`kvm.nx_huge_pages`: executable huge pages split into 4k pages (the iTLB "
+                                      "multihit mitigation; costs guest memory performance)"),
+    Field("kernel_release", "string", "the running kernel (`uname -r`)"),
 )
 
 AGENT_FIELDS: tuple[Field, ...] = (
