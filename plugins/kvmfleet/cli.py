@@ -103,6 +103,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return run_audit_command(args)
 
 
+def cmd_capacity(args: argparse.Namespace) -> int:
+    from .audit.cli import run_capacity_command
+
+    return run_capacity_command(args)
+
+
 def cmd_queries(args: argparse.Namespace) -> int:
     from .audit.cli import run_queries_command
 
@@ -162,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     collectd_config_arguments(ccfg)
     ccfg.set_defaults(func=cmd_collectd_config)
 
-    from .audit.cli import add_audit_args, add_explain_args, add_queries_args
+    from .audit.cli import add_audit_args, add_capacity_args, add_explain_args, add_queries_args
 
     audit = sub.add_parser("audit", help="audit the fleet in InfluxDB: shadow paging, EPT/NPT, I/O, interrupts, ...",
                            description="Run the query pack against InfluxDB and the rules against the answers. Exit "
@@ -171,6 +177,16 @@ def build_parser() -> argparse.ArgumentParser:
                                        "stderr.")
     add_audit_args(audit)
     audit.set_defaults(func=cmd_audit)
+
+    capacity = sub.add_parser(
+        "capacity", help="capacity of the fleet in InfluxDB: overcommit, polling, exits, growth, room",
+        description="Per host and for the fleet: VMs, vCPUs and CPUs (overcommit, mean and peak), CPUs spent on "
+                    "halt polling, exits per second, guest memory KVM maps, the trends and the days until a limit "
+                    "(--limit) is crossed, where N more vCPUs would go (--place). Exit status 0; 1 with --fail-on "
+                    "and a limit crossed (or forecast within --horizon days); 2 when it cannot tell (an error, no "
+                    "data, a stale host or one without the facts capacity needs), with one line on stderr.")
+    add_capacity_args(capacity)
+    capacity.set_defaults(func=cmd_capacity)
 
     queries = sub.add_parser("queries", help="print the InfluxQL query pack with the window and filters filled in")
     add_queries_args(queries)

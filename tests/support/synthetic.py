@@ -80,10 +80,13 @@ PROFILES: dict[str, dict[str, float]] = {
                          pf_fixed=900, pf_guest=3, mmu_cache_miss=120, mmu_shadow_zapped=80, tlb_flush=800,
                          remote_tlb_flush=90, host_state_reload=6000),
     # Shadow paging: guest PTE writes are trapped and emulated, INVLPG intercepted, faults reflected.
-    "shadow": _profile(exits=6000, halt_exits=600, mmu_pte_write=900, invlpg=300, mmu_flooded=30,
+    # (KVM maps no guest memory through EPT/NPT there: pages_4k/2m/1g stay 0.)
+    "shadow": _profile(exits=6000, halt_exits=600, pages_4k=0, pages_2m=0, mmu_pte_write=900, invlpg=300,
+                       mmu_flooded=30,
                        mmu_pde_zapped=60, mmu_unsync=40, pf_guest=500, pf_fixed=1200, mmu_cache_miss=300,
                        mmu_shadow_zapped=250, insn_emulation=950, tlb_flush=900),
-    "shadow-idle": _profile(exits=180, halt_exits=100, halt_wakeup=95, mmu_pte_write=6, invlpg=3, mmu_flooded=0.1,
+    "shadow-idle": _profile(exits=180, halt_exits=100, pages_4k=0, pages_2m=0,
+                            halt_wakeup=95, mmu_pte_write=6, invlpg=3, mmu_flooded=0.1,
                             mmu_pde_zapped=0.4, mmu_unsync=3, pf_guest=4, pf_fixed=8, mmu_cache_miss=2,
                             mmu_shadow_zapped=2, insn_emulation=10, io_exits=1, mmio_exits=1, irq_exits=30,
                             irq_injections=10),
@@ -102,15 +105,20 @@ PROFILES: dict[str, dict[str, float]] = {
 }
 
 # kvm_host facts as the plugin writes them (docs/schema.md); vms and vcpus are added per sample.
+# What the host has to give (capacity): 32 CPUs, 256 GiB, the kernel's default halt polling.
+CAPACITY_FACTS: dict[str, Any] = {"cpus_online": 32, "mem_total_bytes": 256 << 30, "halt_poll_ns": 200000,
+                                  "halt_poll_ns_grow": 2, "halt_poll_ns_grow_start": 10000, "halt_poll_ns_shrink": 0,
+                                  "nx_huge_pages": False, "kernel_release": "6.12.48-amd64"}
 FACTS_EPT: dict[str, Any] = {"tdp_state": "enabled", "tdp_enabled": True, "cpu_ept": True, "ept_param": True,
                              "tdp_mmu": True, "nested": False, "is_guest": False, "lockdown": "none",
-                             "kvm_module": "kvm_intel"}
+                             "kvm_module": "kvm_intel", **CAPACITY_FACTS}
 FACTS_EPT_NESTED = dict(FACTS_EPT, nested=True)
 FACTS_NPT = {"tdp_state": "enabled", "tdp_enabled": True, "cpu_npt": True, "npt_param": True, "tdp_mmu": True,
-             "nested": True, "is_guest": False, "lockdown": "none", "kvm_module": "kvm_amd"}
+             "nested": True, "is_guest": False, "lockdown": "none", "kvm_module": "kvm_amd", **CAPACITY_FACTS}
 FACTS_EPT_OFF = dict(FACTS_EPT, tdp_state="disabled", tdp_enabled=False, ept_param=False, tdp_mmu=False)
 FACTS_NO_TDP = {"tdp_state": "unsupported", "tdp_enabled": False, "cpu_ept": False, "cpu_npt": False,
-                "tdp_mmu": False, "is_guest": True, "lockdown": "integrity", "kvm_module": "kvm_pvm"}
+                "tdp_mmu": False, "is_guest": True, "lockdown": "integrity", "kvm_module": "kvm_pvm",
+                **CAPACITY_FACTS}
 
 
 @dataclass
@@ -120,6 +128,11 @@ class VMSpec:
     vcpus: int = 2
     uuid: str = ""
     vmm: str = "qemu"
+    start_s: float = 0.0  # offset from the first sample at which the VM appears (its counters start at 0)
+    stop_s: float | None = None  # offset at which it is gone (its counters leave the host totals)
+
+    def present(self, off: float) -> bool:
+        return off >= self.start_s and (self.stop_s is None or off < self.stop_s)
 
 
 @dataclass
@@ -165,9 +178,14 @@ def host_lines(spec: HostSpec, end_s: int, duration_s: int, step_s: int = 10, se
     is_cum = [c for _, _, c in names]
     host_prefix = series_prefix(schema.M_HOST, dict(spec.tags, host=spec.name))
     facts_prefix = series_prefix(schema.M_FACTS, dict(spec.tags, host=spec.name))
-    facts_text = ""
+    facts: dict[str, Any] | None = None
     if spec.facts is not None:
         facts = {k: v for k, v in spec.facts.items() if v is not None}
+    # VMs that come and go: kvm_host's vms and vcpus follow them, sample by sample
+    churn = facts is not None and any(vm.start_s or vm.stop_s is not None for vm in spec.vms) \
+        and "vms" not in facts and "vcpus" not in facts
+    facts_text = ""
+    if facts is not None:
         facts.setdefault("vms", len(spec.vms))
         facts.setdefault("vcpus", sum(vm.vcpus for vm in spec.vms))
         facts_text = encode_fields(facts)
@@ -196,9 +214,12 @@ def host_lines(spec: HostSpec, end_s: int, duration_s: int, step_s: int = 10, se
         host_vals = [0.0] * n
         for vm, prefix, vcpu_prefixes, rates, cum in vms:
             act = max(0.0, 1.0 + rng.uniform(-spec.jitter, spec.jitter))
+            if not vm.present(off):
+                continue
+            born = off - dt < vm.start_s  # its first sample: counters from 0
             for i in range(n):
                 if is_cum[i]:
-                    cum[i] = (0.0 if reset else cum[i]) + rates[i] * dt * act
+                    cum[i] = 0.0 if born and vm.start_s else (0.0 if reset else cum[i]) + rates[i] * dt * act
                     host_vals[i] += cum[i]
                 else:
                     host_vals[i] += rates[i] * act
@@ -215,6 +236,9 @@ def host_lines(spec: HostSpec, end_s: int, duration_s: int, step_s: int = 10, se
         if not in_gap:
             if n:
                 yield f"{host_prefix} {template % tuple(map(int, host_vals))} {t}"
+            if churn and facts is not None:
+                here = [vm for vm in spec.vms if vm.present(off)]
+                facts_text = encode_fields(dict(facts, vms=len(here), vcpus=sum(vm.vcpus for vm in here)))
             if facts_text:
                 yield f"{facts_prefix} {facts_text} {t}"
         t += step_s

@@ -43,7 +43,9 @@ def _err(prog: str, message: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ audit
-def add_audit_args(p: argparse.ArgumentParser) -> None:
+def add_connection_args(p: argparse.ArgumentParser, window: str) -> None:
+    """What every command reading the fleet's InfluxDB takes: where, as whom, over what window, which hosts,
+    in which format."""
     p.add_argument("--url", required=True, help="InfluxDB base URL, http(s)://host:port[/path] (no credentials)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--database", metavar="DB", help="InfluxDB 1.x database (or a 3.x database)")
@@ -55,18 +57,10 @@ def add_audit_args(p: argparse.ArgumentParser) -> None:
     auth.add_argument("--token-file", metavar="F", help="file holding an API token alone on one line (2.x/3.x)")
     auth.add_argument("--username", metavar="U", help="InfluxDB 1.x user (with --password-file)")
     p.add_argument("--password-file", metavar="F", help="file holding the password of --username")
-    p.add_argument("--window", default="1h", help="how far back to look: an InfluxQL duration (default 1h)")
+    p.add_argument("--window", default=window, help=f"how far back to look: an InfluxQL duration (default {window})")
     p.add_argument("--host-regex", default=".*", metavar="RE", help="only hosts whose name matches (default all)")
     p.add_argument("--format", choices=("table", "json", "markdown", "html"), default="table")
     p.add_argument("--output", "-o", metavar="FILE", help="write the report to FILE instead of stdout")
-    p.add_argument("--fail-on", choices=("warning", "critical"), default="warning",
-                   help="exit 1 when a finding is at least this severe (default warning)")
-    p.add_argument("--rules", metavar="ID[,ID...]", help="only these rules (default all; kvmfleet queries --rules "
-                                                          "lists them)")
-    p.add_argument("--thresholds", action="append", default=[], metavar="FILE",
-                   help="YAML file of threshold overrides, {rule-id: {key: value}} (repeatable)")
-    p.add_argument("--set", action="append", default=[], dest="set_thresholds", metavar="RULE.KEY=VALUE",
-                   help="override one threshold (repeatable), e.g. shadow-paging.warning_per_exit=0.01")
     p.add_argument("--ca-file", metavar="F", help="PEM bundle to verify the server's certificate with")
     p.add_argument("--no-verify-tls", action="store_true", help="do not verify the server's certificate (unsafe)")
     p.add_argument("--allow-plain-http", action="store_true",
@@ -78,6 +72,18 @@ def add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="the most one request may take, connect to last byte (default 60)")
     p.add_argument("--parallel", type=int, default=4, metavar="N", help="requests in flight at once (default 4)")
+
+
+def add_audit_args(p: argparse.ArgumentParser) -> None:
+    add_connection_args(p, window="1h")
+    p.add_argument("--fail-on", choices=("warning", "critical"), default="warning",
+                   help="exit 1 when a finding is at least this severe (default warning)")
+    p.add_argument("--rules", metavar="ID[,ID...]", help="only these rules (default all; kvmfleet queries --rules "
+                                                          "lists them)")
+    p.add_argument("--thresholds", action="append", default=[], metavar="FILE",
+                   help="YAML file of threshold overrides, {rule-id: {key: value}} (repeatable)")
+    p.add_argument("--set", action="append", default=[], dest="set_thresholds", metavar="RULE.KEY=VALUE",
+                   help="override one threshold (repeatable), e.g. shadow-paging.warning_per_exit=0.01")
 
 
 def run_audit_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -184,6 +190,79 @@ def _raised_at(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}{at}"
 
 
+# ------------------------------------------------------------------------------------------------ capacity
+def add_capacity_args(p: argparse.ArgumentParser) -> None:
+    from .capacity import FAIL_ON, LIMITS
+
+    add_connection_args(p, window="24h")
+    known = "; ".join(f"{name} ({doc}; default {'off' if default is None else f'{default:g}'})"
+                      for name, (default, doc) in LIMITS.items())
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
+                   help=f"a limit to judge and forecast (repeatable): {known}")
+    p.add_argument("--horizon", type=float, default=30.0, metavar="DAYS",
+                   help="a limit forecast to be crossed within this many days is a warning (default 30)")
+    p.add_argument("--place", type=int, default=0, metavar="N",
+                   help="where N more vCPUs would go: the hosts with the most room, none past its limit")
+    p.add_argument("--fail-on", choices=FAIL_ON, default=None,
+                   help="exit 1 when a limit is crossed, or (forecast) also when one is forecast to be crossed "
+                        "within --horizon days (default: exit 0 whatever the figures)")
+
+
+def run_capacity_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """The capacity report; exit 0, 1 with ``--fail-on`` and a limit crossed (or forecast), 2 when it cannot
+    tell (an error, no data, a stale host or one without the facts capacity needs)."""
+    from .client import AuditError
+
+    try:
+        return _capacity(args, out or sys.stdout)
+    except (PackError, AuditError) as e:
+        return _err("capacity", str(e))
+    except OSError as e:
+        return _err("capacity", f"{e.filename or ''}: {e.strerror or e}")
+    except Exception as e:  # a bug, or data no check foresaw: "could not tell", never "fine"
+        return _err("capacity", f"internal error, please report it: {_raised_at(e)}")
+
+
+def _capacity(args: argparse.Namespace, out: TextIO) -> int:
+    from .capacity import CapacityOptions, parse_limits, run_capacity
+    from .capacity_report import render
+    from .client import InfluxQLClient
+    from .report import names_text
+
+    problem = _audit_args_problem(args) or (
+        "--horizon must be >= 0" if args.horizon < 0 else "--place must be >= 0" if args.place < 0 else None)
+    if problem:
+        return _err("capacity", problem)
+    options = CapacityOptions(window=args.window, host_regex=args.host_regex, retention_policy=args.retention_policy,
+                              limits=parse_limits(args.limit), horizon_days=args.horizon, place=args.place,
+                              parallel=args.parallel, stale_after=args.stale_after, charts=args.format == "html")
+    conn = _connection(args)
+    client = InfluxQLClient(conn)
+    try:
+        result = run_capacity(client, options, source=conn.describe())
+    finally:
+        client.close()
+    text = render(result, args.format, args.fail_on)
+    if args.output:
+        replace_file(args.output, text.encode("utf-8"))
+    else:
+        out.write(text)
+        out.flush()
+    if result.stale or result.missing:
+        why = [f"{len(result.stale)} stale (no sample in the last {result.stale_after}): "
+               f"{names_text([s.host for s in result.stale], cut=60)}"] if result.stale else []
+        why += [f"{len(result.missing)} without the data capacity needs: "
+                f"{names_text([m.host for m in result.missing], cut=60)} ({result.missing[0].reason})"] \
+            if result.missing else []
+        return _err("capacity", f"of {len(result.hosts)} hosts, {'; '.join(why)}: cannot tell whether they are "
+                                f"within their limits")
+    crossed = result.crossed(args.fail_on) if args.fail_on else []
+    if args.output or crossed:
+        print(one_line(f"kvmfleet capacity: {len(result.findings)} limit(s) crossed or forecast"
+                       + (f"; report written to {args.output}" if args.output else "")), file=sys.stderr)
+    return EXIT_FINDINGS if crossed else EXIT_OK
+
+
 # ------------------------------------------------------------------------------------------------ queries
 def add_queries_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="one query of the pack (default: all of them)")
@@ -262,6 +341,7 @@ def run_explain_command(args: argparse.Namespace, out: TextIO | None = None) -> 
 
 
 __all__ = [
-    "EXIT_ERROR", "EXIT_FINDINGS", "EXIT_OK", "SEVERITIES", "add_audit_args", "add_explain_args", "add_queries_args",
-    "run_audit_command", "run_explain_command", "run_queries_command",
+    "EXIT_ERROR", "EXIT_FINDINGS", "EXIT_OK", "SEVERITIES", "add_audit_args", "add_capacity_args",
+    "add_connection_args", "add_explain_args", "add_queries_args", "run_audit_command", "run_capacity_command",
+    "run_explain_command", "run_queries_command",
 ]

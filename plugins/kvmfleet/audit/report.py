@@ -249,7 +249,8 @@ details{margin:6px 0}summary{cursor:pointer;color:#35506b}small{color:#69707d}
 """
 
 
-def _svg_chart(title: str, points: Sequence[tuple[float, float]], width: int = 300, height: int = 90) -> str:
+def _svg_chart(title: str, points: Sequence[tuple[float, float]], width: int = 300, height: int = 90,
+               unit: str = "/s") -> str:
     pad_l, pad_r, pad_t, pad_b = 44, 8, 16, 18
     w, h = width - pad_l - pad_r, height - pad_t - pad_b
     esc = html.escape
@@ -274,7 +275,8 @@ def _svg_chart(title: str, points: Sequence[tuple[float, float]], width: int = 3
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
         f'aria-label="{esc(title)}">'
         f'<text x="4" y="11" font-size="11" font-weight="600" fill="#1d2330">{esc(title)}</text>'
-        f'<text x="{width - 4}" y="11" font-size="10" fill="#69707d" text-anchor="end">mean {_short(mean)}/s</text>'
+        f'<text x="{width - 4}" y="11" font-size="10" fill="#69707d" text-anchor="end">'
+        f"mean {_short(mean)}{esc(unit)}</text>"
         f'<line x1="{pad_l}" y1="{pad_t + h}" x2="{pad_l + w}" y2="{pad_t + h}" stroke="#c9ced8"/>'
         f'<line x1="{pad_l}" y1="{pad_t}" x2="{pad_l}" y2="{pad_t + h}" stroke="#c9ced8"/>'
         f'<text x="{pad_l - 3}" y="{pad_t + 8}" font-size="9" fill="#69707d" text-anchor="end">{_short(vmax)}</text>'
