@@ -22,7 +22,6 @@ Prints the medians, the findings, hosts per second, the ``kvmfleet audit`` comma
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
 import shutil
 import statistics
@@ -37,6 +36,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # tests.support.servers
 
 from tests.support import synthetic  # noqa: E402
+from tests.support.benchinflux import settle, write_fleet  # noqa: E402
 from tests.support.servers import InfluxDB1  # noqa: E402
 
 from kvmfleet.audit.client import Connection, InfluxQLClient  # noqa: E402
@@ -45,57 +45,6 @@ from kvmfleet.audit.report import render  # noqa: E402
 from kvmfleet.querypack import load_rules  # noqa: E402
 
 BASELINE = "SELECT count(exits) FROM kvm WHERE time > now()-1h GROUP BY host"
-BATCH = 10000
-
-
-def _produce(queue: mp.Queue, hosts: list[synthetic.HostSpec], end: int, duration: int, step: int) -> None:
-    buf: list[str] = []
-    for line in synthetic.fleet_lines(hosts, end, duration, step):
-        buf.append(line)
-        if len(buf) >= BATCH:
-            queue.put(buf)
-            buf = []
-    queue.put(buf)
-    queue.put(None)
-
-
-def write_fleet(url: str, db: str, hosts: list[synthetic.HostSpec], duration: int, step: int) -> tuple[int, float]:
-    end = int(time.time()) // step * step
-    ctx = mp.get_context("fork")
-    queue: mp.Queue = ctx.Queue(maxsize=8)
-    proc = ctx.Process(target=_produce, args=(queue, hosts, end, duration, step), daemon=True)
-    t0 = time.monotonic()
-    proc.start()
-    writer = synthetic.LineWriter(url, db)
-    try:
-        while True:
-            batch = queue.get()
-            if batch is None:
-                break
-            writer.post(batch)
-    finally:
-        writer.close()
-        proc.join(30)
-    return writer.points, time.monotonic() - t0
-
-
-def settle(pid: int, quiet: float = 0.1, every: float = 3.0, limit: float = 300.0) -> float:
-    """Wait until influxd uses less than ``quiet`` of a CPU over ``every`` seconds (its compactions of the fresh
-    write are done); returns the seconds waited."""
-    tck = os.sysconf("SC_CLK_TCK")
-
-    def cpu() -> float:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / tck
-
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < limit:
-        c0 = cpu()
-        time.sleep(every)
-        if (cpu() - c0) / every < quiet:
-            break
-    return time.monotonic() - t0
 
 
 def main() -> int:

@@ -239,10 +239,16 @@ def _bucket_rows(statements: Sequence[Sequence[Series]]) -> dict[str, dict[float
             if not host:
                 continue
             per = out.setdefault(host, {})
-            for row in s.rows():
-                t = finite(row.get(TIME))
+            if TIME not in s.columns:
+                continue
+            at = s.columns.index(TIME)
+            cols = [(i, c) for i, c in enumerate(s.columns) if i != at]
+            for row in s.values:  # tens of thousands of rows on a big fleet: no dict per row
+                t = finite(row[at])
                 if t is not None:
-                    per.setdefault(t, {}).update({k: v for k, v in row.items() if k != TIME})
+                    bucket = per.setdefault(t, {})
+                    for i, c in cols:
+                        bucket[c] = row[i]
     return out
 
 
@@ -373,18 +379,18 @@ def host_capacity(name: str, facts: Mapping[str, Any], load: Mapping[float, Mapp
     h.settings = {k: facts.get(k) for k in ("halt_poll_ns", "halt_poll_ns_grow", "halt_poll_ns_grow_start",
                                             "halt_poll_ns_shrink", "nx_huge_pages", "kernel_release",
                                             "tdp_state")}
-    vcpus_means = _column(load, "vcpus_mean")
-    h.vcpus_mean = statistics.fmean(v for _, v in vcpus_means) if vcpus_means else None
-    h.vcpus_peak = max((v for _, v in _column(load, "vcpus_peak")), default=None)
-    vms_means = _column(load, "vms_mean")
-    h.vms_mean = statistics.fmean(v for _, v in vms_means) if vms_means else None
-    h.vms_peak = max((v for _, v in _column(load, "vms_peak")), default=None)
+    # per bucket, the most VMs and vCPUs the host carried: their max is the peak, their mean the mean
+    vcpus_peaks, vms_peaks = _column(load, "vcpus_peak"), _column(load, "vms_peak")
+    h.vcpus_mean = statistics.fmean(v for _, v in vcpus_peaks) if vcpus_peaks else None
+    h.vcpus_peak = max((v for _, v in vcpus_peaks), default=None)
+    h.vms_mean = statistics.fmean(v for _, v in vms_peaks) if vms_peaks else None
+    h.vms_peak = max((v for _, v in vms_peaks), default=None)
     h.vcpus_per_cpu = ratio(h.vcpus, h.cpus)
     h.vcpus_per_cpu_mean = ratio(h.vcpus_mean, h.cpus)
     h.vcpus_per_cpu_peak = ratio(h.vcpus_peak, h.cpus)
-    h.vcpus_per_day = slope_per_day(vcpus_means)
+    h.vcpus_per_day = slope_per_day(vcpus_peaks)
     if h.vcpus_per_day is None:
-        h.notes.append(f"no trend: vCPUs seen in {len(vcpus_means)} time bucket(s) of the window, "
+        h.notes.append(f"no trend: vCPUs seen in {len(vcpus_peaks)} time bucket(s) of the window, "
                        f"{MIN_TREND_POINTS} needed")
 
     rate_points, inc, secs, bucket_reset = bucket_rates(exits_rows)
@@ -516,7 +522,7 @@ def capacity_with(runner: QueryRunner, options: CapacityOptions, source: str = "
                             findings=findings, missing=missing, stale=stale, stale_after=options.stale_after,
                             queries=log, requests=runner.requests, elapsed_s=0.0, started_at=started)
     if options.charts:
-        result.charts = {n: {"vcpus": _column(load.get(n, {}), "vcpus_mean"),
+        result.charts = {n: {"vcpus": _column(load.get(n, {}), "vcpus_peak"),
                              "exits/s": bucket_rates(exit_rows[n])[0]} for n in _charted(result)}
     result.elapsed_s = time.monotonic() - t0
     return result
