@@ -46,6 +46,12 @@ class VMSample:
     vcpus: dict[int, Stats]
     descs: Mapping[str, StatDesc]
     parts: tuple[Stats, ...] = ()  # what ``stats`` is made of: VM-level stats, the vCPUs' sum
+    vcpus_listed: int | None = None  # vCPUs the source counted without reading them (VMReading.vcpus_listed)
+
+    @property
+    def vcpu_count(self) -> int:
+        """The VM's vCPUs: those read one by one, or those listed where there are more (debugfs reads none)."""
+        return max(len(self.vcpus), self.vcpus_listed or 0)
 
 
 @dataclass
@@ -62,7 +68,7 @@ class Sample:
 
     @property
     def vcpu_count(self) -> int:
-        return sum(len(vm.vcpus) for vm in self.vms)
+        return sum(vm.vcpu_count for vm in self.vms)
 
 
 @dataclass
@@ -83,7 +89,7 @@ def vm_sample(reading: VMReading) -> VMSample:
         # a VM-level stat wins over a same-named vCPU sum
         parts = (reading.vm_stats, vcpu_sum) if reading.vm_stats else (vcpu_sum,)
     stats = parts[0] if len(parts) == 1 else MergedStats(*parts)
-    return VMSample(reading.identity, reading.source, stats, reading.vcpus, reading.descs, parts)
+    return VMSample(reading.identity, reading.source, stats, reading.vcpus, reading.descs, parts, reading.vcpus_listed)
 
 
 class HostStats(Mapping[str, Value]):

@@ -2,7 +2,8 @@
 
 :func:`gather` reads ``/proc`` and ``/sys`` (through a ``root`` prefix, so tests can point it at a fake
 tree) and returns a :class:`HostFacts`: CPU vendor and virtualization flags, the loaded KVM backend and
-its parameters, ``/dev/kvm``, kernel lockdown, debugfs, privileges, and the TDP verdict of :mod:`kvmfleet.tdp`:
+its parameters, ``/dev/kvm``, kernel lockdown, debugfs, privileges, what the host has for capacity (CPUs online,
+memory, KVM's halt-polling and ``nx_huge_pages`` parameters), and the TDP verdict of :mod:`kvmfleet.tdp`:
 do the VMs on this host run with two-dimensional paging (Intel EPT / AMD NPT) or on shadow paging? The verdict
 matters when reading counters: ``mmu_pte_write``, ``mmu_flooded``, ``mmu_unsync`` and ``invlpg`` only move under
 shadow paging (or for nested L2 guests), see ``docs/queries.md`` (the shadow-paging rule).
@@ -35,6 +36,14 @@ KNOWN_BACKENDS = ("kvm_intel", "kvm_amd", "kvm_pvm")
 _MAX_READ = 16 * 1024 * 1024
 
 LOCKDOWN_FILE = "sys/kernel/security/lockdown"
+CPUS_ONLINE_FILE = "sys/devices/system/cpu/online"
+MEMINFO_FILE = "proc/meminfo"
+# kvm's halt-polling parameters (virt/kvm/kvm_main.c, all ``uint``), in the order they are shown.
+HALT_POLL_PARAMS = ("halt_poll_ns", "halt_poll_ns_grow", "halt_poll_ns_grow_start", "halt_poll_ns_shrink")
+_UINT_LIMIT = 2**32  # module parameters of type uint
+_INT64_LIMIT = 2**63  # InfluxDB integers are int64: a bigger value would get the whole kvm_host line refused
+# No kernel has this many CPUs (NR_CPUS is at most 8192 on x86): a bigger cpulist is garbage.
+_MAX_CPU_ID = 2**16
 
 
 @dataclass
@@ -60,6 +69,15 @@ class HostFacts:
     npt_param: bool | None = None  # kvm_amd.npt
     tdp_mmu: bool | None = None  # kvm.tdp_mmu
     nested: bool | None = None  # <backend>.nested
+    # Capacity: what the host has to give its VMs, and how KVM lets halted vCPUs poll. The kvm.* parameters are
+    # writable at run time: they are as fresh as the last gather().
+    cpus_online: int | None = None  # CPUs in sys/devices/system/cpu/online
+    mem_total_bytes: int | None = None  # MemTotal of proc/meminfo
+    halt_poll_ns: int | None = None
+    halt_poll_ns_grow: int | None = None
+    halt_poll_ns_grow_start: int | None = None
+    halt_poll_ns_shrink: int | None = None
+    nx_huge_pages: bool | None = None
     # Device, kernel, security.
     dev_kvm_present: bool = False
     dev_kvm_accessible: bool | None = None  # read+write for the effective user
@@ -243,8 +261,8 @@ def _module_live(root: str, name: str) -> bool:
     return state is None or state.strip() in ("live", "")
 
 
-def _param(facts: HostFacts, root: str, module: str, param: str) -> bool | None:
-    """Read /sys/module/<module>/parameters/<param> as a boolean; record raw value or why not."""
+def _raw_param(facts: HostFacts, root: str, module: str, param: str) -> str | None:
+    """The text of /sys/module/<module>/parameters/<param>, recorded in ``module_params``; None and why if unread."""
     key = f"{module}.{param}"
     text, why = _read(root, f"sys/module/{module}/parameters/{param}")
     if text is None:
@@ -252,9 +270,17 @@ def _param(facts: HostFacts, root: str, module: str, param: str) -> bool | None:
         return None
     raw = text.strip()
     facts.module_params[key] = raw
+    return raw
+
+
+def _param(facts: HostFacts, root: str, module: str, param: str) -> bool | None:
+    """Read /sys/module/<module>/parameters/<param> as a boolean; record raw value or why not."""
+    raw = _raw_param(facts, root, module, param)
+    if raw is None:
+        return None
     value = parse_bool(raw)
     if value is None:
-        facts.why_unknown[key] = f"cannot parse {raw[:40]!r} as a boolean"
+        facts.why_unknown[f"{module}.{param}"] = f"cannot parse {raw[:40]!r} as a boolean"
     return value
 
 
@@ -298,6 +324,83 @@ def _gather_kvm(facts: HostFacts, root: str) -> None:
             facts.nested = _param(facts, root, backend, "nested")
         else:
             facts.why_unknown["nested"] = f"{backend} has no 'nested' parameter"
+
+
+def parse_cpulist(text: str) -> int | None:
+    """How many CPUs a cpulist names (``0-3,8-11``: 8), as the kernel prints one (``%*pbl``: ascending,
+    disjoint ranges); None for an empty list or anything else."""
+    count, last = 0, -1
+    for item in text.strip().split(","):
+        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", item)
+        if not m:
+            return None
+        low = int(m.group(1))
+        high = int(m.group(2)) if m.group(2) is not None else low
+        if not last < low <= high < _MAX_CPU_ID:
+            return None
+        count += high - low + 1
+        last = high
+    return count
+
+
+def parse_meminfo_total(text: str) -> int | None:
+    """``MemTotal`` of a /proc/meminfo text in bytes (the kernel prints kB), or None when there is none."""
+    m = re.search(r"^MemTotal:[ \t]*([0-9]+) kB$", text, re.M)
+    if not m:
+        return None
+    total = int(m.group(1)) * 1024
+    return total if total < _INT64_LIMIT else None
+
+
+def parse_uint_param(text: str) -> int | None:
+    """A ``uint`` module parameter (``%u``), or None for anything else."""
+    word = text.strip()
+    if not re.fullmatch(r"[0-9]+", word):
+        return None
+    value = int(word)
+    return value if value < _UINT_LIMIT else None
+
+
+# kvm.nx_huge_pages reads Y or N, or "never" once the mitigation is hard-disabled (nx_huge_pages=never at boot).
+# "force", "off" and "auto" are what one writes to it; the kernel prints Y/N back (it resolves auto against
+# X86_BUG_ITLB_MULTIHIT), so auto, were a kernel to print it, tells nothing: unknown.
+_NX_HUGE_PAGES_WORDS = {"never": False, "force": True}
+
+
+def parse_nx_huge_pages(text: str) -> bool | None:
+    word = text.strip().lower()
+    if word in _NX_HUGE_PAGES_WORDS:
+        return _NX_HUGE_PAGES_WORDS[word]
+    return words.parse_bool(word)  # Y/N, and off
+
+
+def _gather_capacity(facts: HostFacts, root: str) -> None:
+    text, why = _read(root, CPUS_ONLINE_FILE)
+    if text is None:
+        facts.why_unknown["cpus_online"] = why or "unreadable"
+    else:
+        facts.cpus_online = parse_cpulist(text)
+        if facts.cpus_online is None:
+            facts.why_unknown["cpus_online"] = f"cannot parse {text.strip()[:40]!r} in {CPUS_ONLINE_FILE}"
+    text, why = _read(root, MEMINFO_FILE)
+    facts.mem_total_bytes = parse_meminfo_total(text) if text is not None else None
+    if facts.mem_total_bytes is None:
+        facts.why_unknown["mem_total_bytes"] = why or f"no MemTotal line in kB in {MEMINFO_FILE}"
+    if not facts.kvm_loaded:
+        return  # like kvm.tdp_mmu: no parameters to read (kvm_modules says why)
+    for param in HALT_POLL_PARAMS:
+        raw = _raw_param(facts, root, "kvm", param)
+        value = parse_uint_param(raw) if raw is not None else None
+        if raw is not None and value is None:
+            facts.why_unknown[f"kvm.{param}"] = f"cannot parse {raw[:40]!r} as an unsigned 32-bit integer"
+        setattr(facts, param, value)
+    raw = _raw_param(facts, root, "kvm", "nx_huge_pages")
+    if raw is not None:
+        facts.nx_huge_pages = parse_nx_huge_pages(raw)
+        if facts.nx_huge_pages is None:
+            facts.why_unknown["kvm.nx_huge_pages"] = (
+                "'auto': the kernel decides at load time and prints Y or N once it has" if raw.lower() == "auto"
+                else f"cannot parse {raw[:40]!r} (Y, N or never)")
 
 
 def _gather_dev_kvm(facts: HostFacts, root: str) -> None:
@@ -453,6 +556,7 @@ def gather(root: str = "/") -> HostFacts:
     steps = (
         ("cpu", _gather_cpu),
         ("kvm_modules", _gather_kvm),
+        ("capacity", _gather_capacity),  # after kvm_modules: reads kvm's parameters only when it is loaded
         ("dev_kvm", _gather_dev_kvm),
         ("kernel_release", _gather_kernel),
         ("mounts", _gather_mounts),
@@ -493,6 +597,16 @@ def _confinement_rows(facts: HostFacts) -> list[tuple[str, str]]:
     ]
 
 
+def _capacity_rows(facts: HostFacts) -> list[tuple[str, str]]:
+    mem = facts.mem_total_bytes
+    return [
+        ("cpus online", _show(facts.cpus_online)),
+        ("memory total", UNKNOWN if mem is None else f"{mem} bytes ({mem / 2**30:.1f} GiB)"),
+        *((f"kvm.{param}", _show(getattr(facts, param))) for param in HALT_POLL_PARAMS),
+        ("kvm.nx_huge_pages", _show(facts.nx_huge_pages)),
+    ]
+
+
 def format_text(facts: HostFacts) -> str:
     """Aligned ``key: value`` lines for humans, TDP verdict first."""
     tdp = facts.tdp
@@ -506,6 +620,8 @@ def format_text(facts: HostFacts) -> str:
         ("kvm_amd.npt", _show(facts.npt_param)),
         ("nested", _show(facts.nested)),
         ("is guest", _show(tdp["is_guest"])),
+        ("", ""),
+        *_capacity_rows(facts),
         ("", ""),
         ("cpu vendor", facts.cpu_vendor),
         ("cpu model", facts.cpu_model),

@@ -109,7 +109,8 @@ class VMReading:
 
     ``vm_stats`` are the VM-level stats (VM stats fd, or a debugfs ``<pid>-<fd>/`` directory, which
     already holds the vCPU stats summed: then ``vm_stats_include_vcpus`` is true). ``vcpus`` maps a
-    vCPU id to its own stats where the source sees vCPUs one by one.
+    vCPU id to its own stats where the source sees vCPUs one by one; ``vcpus_listed`` is how many vCPUs a
+    source that does not read them one by one saw (debugfs: the ``vcpuN`` directories), None if it cannot tell.
     """
 
     identity: VMIdentity
@@ -118,6 +119,7 @@ class VMReading:
     vcpus: dict[int, Stats] = field(default_factory=dict)
     descs: dict[str, StatDesc] = field(default_factory=dict)
     vm_stats_include_vcpus: bool = False
+    vcpus_listed: int | None = None
 
 
 @dataclass(frozen=True)

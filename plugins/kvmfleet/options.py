@@ -106,8 +106,9 @@ OPTIONS: tuple[Option, ...] = (
            "`false` needs `InfluxURL`", "dispatch", role_var=_role("dispatch")),
     Option("Histograms", "bool", True, "ship histogram stats as `<name>_bucket_<n>` fields (non-zero buckets; "
            "[schema.md](schema.md))", "histograms", role_var=_role("histograms")),
-    Option("FactsInterval", "seconds", 300.0, "how often the host facts (`kvm_host`: EPT/NPT, lockdown, KVM module) "
-           "are read again; they are written every sample", "facts_interval", role_var=_role("facts_interval")),
+    Option("FactsInterval", "seconds", 300.0, "how often the host facts (`kvm_host`: EPT/NPT, lockdown, KVM module, "
+           "CPUs, memory, halt polling) are read again; they are written every sample", "facts_interval",
+           role_var=_role("facts_interval")),
     Option("Interval", "seconds", None, "seconds between two samples of this plugin (its own read interval)",
            "interval", role_var=_role("plugin_interval"), shown_default="collectd's `Interval`"),
     Option("LibvirtURI", "string", DEFAULT_URI, "the libvirt connection of the `libvirt` source and of `auto`'s "

@@ -12,7 +12,7 @@ from typing import Any, Callable, Protocol
 
 from . import schema
 from .collector import HostStats, Sample, VMSample
-from .facts import HostFacts
+from .facts import UNKNOWN, HostFacts
 from .model import StatDesc, Stats, StatType, VMKey
 from .options import AgentConfig
 from .ship.lineproto import encode_fields, escape_key, int_fields_template, series_prefix
@@ -316,4 +316,12 @@ def facts_fields(facts: HostFacts) -> dict[str, int | float | str | bool | None]
         "is_guest": bool(facts.tdp.get("is_guest")),
         "lockdown": facts.lockdown,
         "kvm_module": facts.kvm_backend or ("none" if facts.kvm_loaded is False else "unknown"),
+        "cpus_online": facts.cpus_online,
+        "mem_total_bytes": facts.mem_total_bytes,
+        "halt_poll_ns": facts.halt_poll_ns,
+        "halt_poll_ns_grow": facts.halt_poll_ns_grow,
+        "halt_poll_ns_grow_start": facts.halt_poll_ns_grow_start,
+        "halt_poll_ns_shrink": facts.halt_poll_ns_shrink,
+        "nx_huge_pages": facts.nx_huge_pages,
+        "kernel_release": None if facts.kernel_release == UNKNOWN else facts.kernel_release,
     }

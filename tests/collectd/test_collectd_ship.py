@@ -15,6 +15,8 @@ from tests.collectd.conftest import Guests
 from tests.server.shiphelpers import INFLUX_PASSWORD, INFLUX_USER, secret_file
 from tests.support.servers import InfluxDB1, VictoriaMetrics
 
+from kvmfleet.facts import HALT_POLL_PARAMS, gather
+
 TOKEN = "vm-T0ken-0123456789abcdef-never-logged"
 AWKWARD_TAG = 'row "7", rack\\3 = a b'  # quotes, a backslash, comma, equals, spaces: through collectd's parser
 SUM_FIELDS = ("halt_exits", "mmio_exits", "exits", "insn_emulation")
@@ -131,6 +133,12 @@ def test_v1_influxdb16_exact_counts_totals_and_schema(guests: Guests, influxdb: 
     assert last["tdp_state"] in ("enabled", "disabled", "unsupported", "unknown")
     assert last["vms"] >= len(guests.names) and last["vcpus"] >= sum(guests.vcpus.values())
     assert isinstance(last["kvm_module"], str) and isinstance(last["is_guest"], bool)
+    # the capacity facts of this machine, as `kvmfleet facts` reads them (tests/unit/test_facts.py checks those
+    # against other readings); a fact that cannot be read is no column
+    here = gather()
+    capacity = ("cpus_online", "mem_total_bytes", *HALT_POLL_PARAMS, "nx_huge_pages")
+    assert {k: last.get(k) for k in capacity} == {k: getattr(here, k) for k in capacity}
+    assert last["kernel_release"] == os.uname().release
     agent = influx_points(influxdb, "kvmfleet_agent")
     assert sorted(a["time"] for a in agent) == times
     assert agent[-1]["last_error"] == "" and agent[-1]["dropped"] == 0 and agent[-1]["sample_duration_s"] > 0

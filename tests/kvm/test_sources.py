@@ -98,6 +98,21 @@ def test_vmm_without_stats_fds_is_reported_not_counted():
         auto.close()
 
 
+def test_vcpus_of_a_vm_no_stats_fd_reads_are_counted_from_debugfs():
+    """kvm_host's vcpus counts a VM whatever reads it: here one whose VMM holds no stats fds, named by debugfs alone
+    under lockdown (its vcpuN directories can be listed), read from debugfs elsewhere."""
+    if not os.path.isdir("/sys/kernel/debug/kvm"):
+        return  # no debugfs: nothing names such a VM (test_vmm_without_stats_fds_is_reported_not_counted)
+    with launch("t-count", vcpus=3, workload="halt", loops=10, stats_fds="none") as guest:
+        guest.wait_ready(30)
+        with AutoSource(only_pids={guest.pid}) as auto, Collector(auto) as collector:
+            sample = collector.sample()
+        (vm,) = sample.vms
+        listed = DebugfsSource().vcpus_listed(guest.pid, vm.identity.key.vm_fd)
+    assert vm.source in ("none", "debugfs") and not vm.vcpus
+    assert (listed, vm.vcpu_count, sample.vcpu_count) == (3, 3, 3)
+
+
 def test_vm_exit_keeps_host_totals_monotonic_and_closes_borrowed_fds():
     a = launch("t-a", vcpus=2, workload="halt", loops=1000)
     b = launch("t-b", vcpus=1, workload="halt", loops=500)

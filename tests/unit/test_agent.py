@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from tests.unit.agentdata import (
 
 from kvmfleet.agent import Agent
 from kvmfleet.collector import vm_sample
-from kvmfleet.facts import HostFacts
+from kvmfleet.facts import HALT_POLL_PARAMS, HostFacts, gather
 from kvmfleet.model import VMReading
 from kvmfleet.options import AgentConfig, parse_config
 from kvmfleet.ship.writers import Writer
@@ -121,6 +122,26 @@ def test_facts_are_reread_every_facts_interval() -> None:
     now[0] = 300.5
     agent.read()
     assert len(calls) == 2
+
+
+def test_agent_ships_this_hosts_capacity_facts_in_kvm_host(tmp_path: Path) -> None:
+    """The kvm_host line the agent ships carries the capacity facts of this machine, as gather() reads them."""
+    cfg = parse_config(entries(("InfluxURL", "http://127.0.0.1:9"), ("Database", "kvm"),
+                               ("SpoolPath", str(tmp_path / "ship.spool"))))
+    writer = ListWriter()
+    agent = Agent(cfg, writer)
+    agent.start("hv1", source=ListSource([reading(11, "a", vcpus=3)]))
+    agent.read()
+    assert agent.shipper is not None and agent.shipper.wait_idle(5)
+    agent.stop()
+    shipped = [parse_line(t)[2] for t in writer.lines if t.startswith("kvm_host,")]
+    here = gather()
+    expected = {"cpus_online": f"{here.cpus_online}i", "mem_total_bytes": f"{here.mem_total_bytes}i",
+                "kernel_release": f'"{os.uname().release}"', "vcpus": "3i", "vms": "1i"}
+    for name in (*HALT_POLL_PARAMS, "nx_huge_pages"):  # None where KVM is not loaded: left out of the line
+        value = getattr(here, name)
+        expected[name] = None if value is None else str(value).lower() if isinstance(value, bool) else f"{value}i"
+    assert len(shipped) == 1 and {k: shipped[0].get(k) for k in expected} == expected
 
 
 def test_vm_sample_of_helper_is_consistent() -> None:

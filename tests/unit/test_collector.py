@@ -101,3 +101,16 @@ def test_a_vm_or_vcpu_back_after_it_was_retired_is_not_counted_twice():
     for _ in range(1001):
         totals.update([])
     assert totals._gone_vms == {} and totals._gone_vcpus == {}  # keys that never come back are forgotten
+
+
+def test_vcpu_count_is_the_vcpus_read_or_listed_whichever_is_more():
+    """debugfs lists every vCPU; the stats fds a VMM holds may be fewer (a vCPU's fd not opened yet)."""
+    listed_only = reading(1, {"exits": 3})
+    listed_only.vcpus_listed = 3
+    fewer_fds = reading(2, {"exits": 3}, {0: {"exits": 1}})
+    fewer_fds.vcpus_listed = 2
+    read_only = reading(3, {}, {0: {"exits": 1}, 1: {"exits": 1}})
+    nothing = reading(4, {"exits": 3})
+    assert [vm_sample(r).vcpu_count for r in (listed_only, fewer_fds, read_only, nothing)] == [3, 2, 2, 0]
+    sample = Collector(ListSource([[listed_only, fewer_fds, read_only, nothing]])).sample()
+    assert sample.vcpu_count == 7

@@ -3,8 +3,13 @@ import os
 
 import pytest
 
+from kvmfleet.collector import Collector
 from kvmfleet.logsay import SayOnce
-from kvmfleet.model import StatType, StatUnit, Usability
+from kvmfleet.model import StatType, StatUnit, Usability, VMIdentity, VMKey, VMReading
+from kvmfleet.options import AgentConfig
+from kvmfleet.points import PointBuilder
+from kvmfleet.sources.auto import AutoSource
+from kvmfleet.sources.base import Source
 from kvmfleet.sources.debugfs import DebugfsSource
 
 
@@ -127,3 +132,79 @@ def test_nested_namespace_seen_through_the_hosts_proc_by_nspid_alone(tree):
     source = DebugfsSource(str(kvm), str(proc))
     assert source.read() == [] and source.listed_vms() == []
     assert "(NSpid 31227 1 in /proc/self/status)" in source.usability().reason
+
+
+# -- vCPUs: debugfs reads none one by one, but names each in a vcpuN directory --------------------------------------
+def vcpu_tree(kvm, proc, vcpus_of):
+    """Two VMs with vCPU directories (3 and 1 in the tests); a vcpuN file or vcpuN-ish directory is no vCPU."""
+    for (pid, fd), count in vcpus_of.items():
+        vm = kvm / f"{pid}-{fd}"
+        for i in range(count):
+            (vm / f"vcpu{i}").mkdir(parents=True)
+            (vm / f"vcpu{i}" / "tsc-offset").write_text("1\n")
+        (vm / "exits").write_text(f"{pid}\n")
+        (vm / "vcpus_total").mkdir()  # not vcpu<N>
+        p = proc / str(pid)
+        p.mkdir(parents=True)
+        (p / "stat").write_text(f"{pid} (qemu-system-x86) S " + " ".join(["1"] * 18) + f" {pid * 10} 0 0\n")
+        (p / "cmdline").write_bytes(b"\0".join([b"qemu-system-x86_64", b"-name", f"guest=vm{pid}".encode()]) + b"\0")
+        (p / "comm").write_text("qemu-system-x86\n")
+
+
+def kvm_host_vcpus(source):
+    sample = Collector(source).sample()
+    line = PointBuilder(AgentConfig(), "h").facts_line(sample)
+    return sample, dict(f.split("=", 1) for f in line.split(" ")[1].split(","))["vcpus"]
+
+
+def test_debugfs_vms_count_their_vcpu_directories(tmp_path):
+    kvm, proc = tmp_path / "kvm", tmp_path / "proc"
+    vcpu_tree(kvm, proc, {(100, 11): 3, (200, 12): 1})
+    sample, vcpus = kvm_host_vcpus(DebugfsSource(str(kvm), str(proc)))
+    assert vcpus == "4i" and sample.vcpu_count == 4
+    assert sorted((vm.identity.key.pid, vm.vcpu_count, vm.vcpus) for vm in sample.vms) == [(100, 3, {}), (200, 1, {})]
+    assert {vm.identity.key.pid: dict(vm.stats) for vm in sample.vms} == {100: {"exits": 100}, 200: {"exits": 200}}
+
+
+def test_vcpus_counted_from_the_listing_under_lockdown(tmp_path, monkeypatch):
+    """Lockdown denies debugfs's files but not its listing: a VM no source reads, or read without its vCPUs, still
+    has them counted; one whose vCPUs a source read counts those."""
+    kvm, proc = tmp_path / "kvm", tmp_path / "proc"
+    vcpu_tree(kvm, proc, {(100, 11): 3, (200, 12): 1, (300, 13): 2})
+    real_open = os.open
+
+    def locked_open(path, flags, *args):
+        if str(path).startswith(str(kvm)):
+            raise PermissionError(errno.EPERM, "Operation not permitted", path)
+        return real_open(path, flags, *args)
+
+    class Fixed(Source):
+        def __init__(self, name, readings):
+            self.name, self.readings = name, readings
+
+        def read(self):
+            return self.readings
+
+        def usability(self):
+            return Usability(True, "fixed")
+
+        def read_groups(self, vcpus_for=None):
+            return []
+
+        def hint(self, pids):
+            pass
+
+        def vmm_pids(self):
+            return {100, 300}
+
+    statsfd = Fixed("statsfd", [VMReading(VMIdentity(VMKey(100, 1000, -1), "qemu", "vm100"), "statsfd",
+                                          {"exits": 5}),  # a VM stats fd, no vCPU ones; its VM fd closed
+                                VMReading(VMIdentity(VMKey(300, 3000, 13), "qemu", "vm300"), "statsfd",
+                                          {}, {0: {"exits": 1}, 1: {"exits": 2}})])
+    monkeypatch.setattr(os, "open", locked_open)
+    auto = AutoSource(DebugfsSource(str(kvm), str(proc)), statsfd, libvirt=Fixed("libvirt", []))
+    sample, vcpus = kvm_host_vcpus(auto)
+    assert sorted((vm.identity.key.pid, vm.source, vm.vcpu_count) for vm in sample.vms) == [
+        (100, "statsfd", 3), (200, "none", 1), (300, "statsfd", 2)]
+    assert vcpus == "6i"
+    assert DebugfsSource(str(kvm), str(proc)).vcpus_listed(999, 1) is None  # no such VM directory

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -634,3 +635,163 @@ def test_confinement_of_this_process() -> None:
     d = f.to_dict()
     assert {"seccomp", "seccomp_filters", "pidfd_getfd_allowed", "pidfd_getfd_reason", "nspid",
             "pid_ns_host"} <= set(d)
+
+
+# --- capacity: CPUs online, memory, halt polling, nx_huge_pages -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "count"),
+    [
+        ("0\n", 1),
+        ("0-3,8-11\n", 8),
+        ("0-1\n", 2),
+        ("0,2,4-5\n", 4),
+        ("5\n", 1),
+        ("0-8191\n", 8192),
+        ("", None),
+        ("\n", None),
+        ("garbage\n", None),
+        ("0-3,\n", None),
+        ("3-1\n", None),  # a range backwards
+        ("0-3,2-5\n", None),  # overlapping: the kernel never prints that
+        ("4,0\n", None),  # not ascending
+        ("0 -3\n", None),
+        ("-1\n", None),
+        ("0-99999999999999999999\n", None),  # past any kernel's CPU ids
+        ("0:1\n", None),
+    ],
+)
+def test_parse_cpulist(text: str, count: int | None) -> None:
+    assert F.parse_cpulist(text) == count
+
+
+@pytest.mark.parametrize(
+    ("text", "total"),
+    [
+        ("MemTotal:       24731184 kB\nMemFree:         1000 kB\n", 24731184 * 1024),
+        ("MemFree:         1000 kB\nMemTotal:  8 kB\n", 8192),
+        ("MemFree:         1000 kB\n", None),
+        ("MemTotal:       lots kB\n", None),
+        ("MemTotal:       24731184\n", None),  # no unit: not the kernel's format
+        ("MemTotal:       24731184 MB\n", None),
+        (f"MemTotal: {2**60} kB\n", None),  # past int64 in bytes
+        ("", None),
+    ],
+)
+def test_parse_meminfo_total(text: str, total: int | None) -> None:
+    assert F.parse_meminfo_total(text) == total
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("200000\n", 200000), ("0\n", 0), ("4294967295\n", 2**32 - 1), ("4294967296\n", None), ("-1\n", None),
+     ("", None), ("1_000\n", None), ("+5\n", None), ("ten\n", None), ("2.5\n", None)],
+)
+def test_parse_uint_param(text: str, value: int | None) -> None:
+    assert F.parse_uint_param(text) == value
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("Y\n", True), ("N\n", False), ("never\n", False), ("force\n", True), ("off\n", False), ("auto\n", None),
+     ("", None), ("maybe\n", None)],
+)
+def test_parse_nx_huge_pages(text: str, value: bool | None) -> None:
+    assert F.parse_nx_huge_pages(text) is value
+
+
+HALT_POLL = {"halt_poll_ns": "200000", "halt_poll_ns_grow": "2", "halt_poll_ns_grow_start": "10000",
+             "halt_poll_ns_shrink": "0"}
+
+
+def capacity_tree(root: Path, kvm: dict[str, str] | None, online: str | None = "0-3,8-11\n",
+                  meminfo: str | None = "MemTotal:       16384 kB\nMemFree:  12 kB\n") -> F.HostFacts:
+    make_tree(root, cpu=cpuinfo("GenuineIntel", "x", INTEL_FLAGS + " ept"),
+              modules={"kvm": kvm, "kvm_intel": {"ept": "Y"}} if kvm is not None else {})
+    if online is not None:
+        write(root, F.CPUS_ONLINE_FILE, online)
+    if meminfo is not None:
+        write(root, F.MEMINFO_FILE, meminfo)
+    return F.gather(str(root))
+
+
+def test_capacity_facts(tmp_path: Path) -> None:
+    f = capacity_tree(tmp_path, {**HALT_POLL, "nx_huge_pages": "never"})
+    assert (f.cpus_online, f.mem_total_bytes) == (8, 16384 * 1024)
+    assert (f.halt_poll_ns, f.halt_poll_ns_grow, f.halt_poll_ns_grow_start, f.halt_poll_ns_shrink) == (
+        200000, 2, 10000, 0)
+    assert f.nx_huge_pages is False and f.module_params["kvm.nx_huge_pages"] == "never"
+    assert f.kernel_release == "6.1.0-18-amd64"
+    assert not {"cpus_online", "mem_total_bytes", "kvm.halt_poll_ns", "kvm.nx_huge_pages"} & set(f.why_unknown)
+    d = json.loads(json.dumps(f.to_dict()))
+    assert (d["cpus_online"], d["mem_total_bytes"], d["halt_poll_ns_shrink"], d["nx_huge_pages"]) == (
+        8, 16777216, 0, False)
+    text = F.format_text(f)
+    for row in ("cpus online:", "memory total:", "kvm.halt_poll_ns:", "kvm.halt_poll_ns_grow_start:",
+                "kvm.nx_huge_pages:"):
+        assert row in text
+    assert "16777216 bytes (0.0 GiB)" in text
+
+
+def test_capacity_facts_absent_or_garbled(tmp_path: Path) -> None:
+    f = capacity_tree(tmp_path, {"halt_poll_ns": "lots", "halt_poll_ns_grow": "-2", "nx_huge_pages": "auto"},
+                      online="garbage\n", meminfo="MemFree: 12 kB\n")
+    assert f.cpus_online is None and "cannot parse 'garbage'" in f.why_unknown["cpus_online"]
+    assert f.mem_total_bytes is None and "no MemTotal" in f.why_unknown["mem_total_bytes"]
+    assert f.halt_poll_ns is None and "cannot parse 'lots'" in f.why_unknown["kvm.halt_poll_ns"]
+    assert f.halt_poll_ns_grow is None and "'-2'" in f.why_unknown["kvm.halt_poll_ns_grow"]
+    # an older kernel without the parameter (halt_poll_ns_grow_start came in 5.2)
+    assert f.halt_poll_ns_grow_start is None and "does not exist" in f.why_unknown["kvm.halt_poll_ns_grow_start"]
+    assert f.nx_huge_pages is None and "auto" in f.why_unknown["kvm.nx_huge_pages"]
+    text = F.format_text(f)
+    assert "cpus online:" in text and "unknown cpus_online:" in text
+
+
+def test_capacity_facts_without_files_or_kvm(tmp_path: Path) -> None:
+    f = capacity_tree(tmp_path, None, online=None, meminfo=None)
+    assert f.kvm_loaded is False
+    assert f.cpus_online is None and "does not exist" in f.why_unknown["cpus_online"]
+    assert f.mem_total_bytes is None and "does not exist" in f.why_unknown["mem_total_bytes"]
+    # KVM not loaded: its parameters are not facts of this host (kvm_loaded says so), not errors
+    assert (f.halt_poll_ns, f.halt_poll_ns_grow, f.halt_poll_ns_grow_start, f.halt_poll_ns_shrink,
+            f.nx_huge_pages) == (None,) * 5
+    assert not [key for key in f.why_unknown if key.startswith("kvm.")]
+    json.dumps(f.to_dict())
+    assert "cpus online:" in F.format_text(f)
+
+
+def test_capacity_files_that_are_directories_or_junk(tmp_path: Path) -> None:
+    make_tree(tmp_path, modules={"kvm": {}})
+    (tmp_path / F.CPUS_ONLINE_FILE).mkdir(parents=True)
+    write(tmp_path, F.MEMINFO_FILE, bytes(range(256)) * 4)
+    (tmp_path / "sys/module/kvm/parameters/halt_poll_ns").mkdir()
+    write(tmp_path, "sys/module/kvm/parameters/nx_huge_pages", b"\xff\x00Y")
+    f = F.gather(str(tmp_path))
+    assert f.cpus_online is None and "directory" in f.why_unknown["cpus_online"]
+    assert f.mem_total_bytes is None and "mem_total_bytes" in f.why_unknown
+    assert f.halt_poll_ns is None and "directory" in f.why_unknown["kvm.halt_poll_ns"]
+    assert f.nx_huge_pages is None and "kvm.nx_huge_pages" in f.why_unknown
+    F.format_text(f)
+
+
+def _online_cpus_in_proc_stat() -> int:
+    """The per-CPU lines of /proc/stat: the kernel prints one for each online CPU."""
+    with open("/proc/stat") as stat_file:
+        return sum(1 for line in stat_file if re.match(r"cpu[0-9]+ ", line))
+
+
+def test_capacity_facts_of_the_real_machine() -> None:
+    """Each capacity fact equals the same figure read another way on this machine."""
+    f = F.gather("/")
+    assert f.cpus_online == os.sysconf("SC_NPROCESSORS_ONLN") == _online_cpus_in_proc_stat()
+    # glibc's _SC_PHYS_PAGES is sysinfo()'s totalram, which /proc/meminfo prints as MemTotal
+    assert f.mem_total_bytes == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert f.kernel_release == os.uname().release
+    params = Path("/sys/module/kvm/parameters")
+    for name in F.HALT_POLL_PARAMS:
+        path = params / name
+        assert getattr(f, name) == (int(path.read_text()) if path.exists() else None), name
+    nx_path = params / "nx_huge_pages"
+    expected = {"Y": True, "N": False, "never": False}[nx_path.read_text().strip()] if nx_path.exists() else None
+    assert f.nx_huge_pages is expected

@@ -66,6 +66,9 @@ class LockedDebugfs(Fixed):
     def identity(self, pid: int, vm_fd: int) -> VMIdentity:
         return VMIdentity(VMKey(pid, 1, vm_fd), "qemu", f"vm{pid}")
 
+    def vcpus_listed(self, pid: int, vm_fd: int) -> int | None:
+        return {100: 4, 200: 2}.get(pid)  # its vcpuN directories, listed under lockdown too
+
 
 class Statsfd(Fixed):
     def hint(self, pids: set[int]) -> None:
@@ -113,7 +116,9 @@ def test_auto_does_not_ask_libvirt_while_debugfs_reads() -> None:
     libvirt = FakeLibvirt([VMReading(ident, "libvirt", {"mmu_pte_write": 4})])
     debugfs = LockedDebugfs("debugfs", [VMReading(ident, "debugfs", {"mmu_pte_write": 4}, vm_stats_include_vcpus=True)])
     auto = AutoSource(debugfs=debugfs, statsfd=Statsfd("statsfd", []), libvirt=libvirt)  # type: ignore[arg-type]
-    assert [r.source for r in auto.read()] == ["debugfs", "none"]  # vm200 is listed but unreadable
+    read = auto.read()
+    assert [r.source for r in read] == ["debugfs", "none"]  # vm200 is listed but unreadable
+    assert read[1].vcpus_listed == 2  # its vCPUs are counted all the same
     assert libvirt.asked == []
 
 

@@ -139,3 +139,30 @@ def test_facts_line() -> None:
     assert fields == {"tdp_state": '"disabled"', "tdp_enabled": "false", "cpu_ept": "true", "ept_param": "false",
                       "tdp_mmu": "true", "is_guest": "false", "lockdown": '"integrity"',
                       "kvm_module": '"kvm_intel"', "vms": "2i", "vcpus": "4i"}
+
+
+def test_facts_line_carries_the_capacity_facts() -> None:
+    facts = HostFacts(cpus_online=8, mem_total_bytes=16 * 2**30, halt_poll_ns=200000, halt_poll_ns_grow=2,
+                      halt_poll_ns_grow_start=10000, halt_poll_ns_shrink=0, nx_huge_pages=False,
+                      kernel_release="6.12.0-1-amd64")
+    b = builder()
+    b.set_facts(facts)
+    fields = parse_line(b.facts_line(sample_of(reading(11, "a", vcpus=3))))[2]
+    assert {k: fields[k] for k in ("cpus_online", "mem_total_bytes", "halt_poll_ns", "halt_poll_ns_grow",
+                                   "halt_poll_ns_grow_start", "halt_poll_ns_shrink", "nx_huge_pages",
+                                   "kernel_release", "vcpus")} == {
+        "cpus_online": "8i", "mem_total_bytes": "17179869184i", "halt_poll_ns": "200000i", "halt_poll_ns_grow": "2i",
+        "halt_poll_ns_grow_start": "10000i", "halt_poll_ns_shrink": "0i", "nx_huge_pages": "false",
+        "kernel_release": '"6.12.0-1-amd64"', "vcpus": "3i"}
+
+
+def test_unknown_capacity_facts_are_left_out() -> None:
+    """None (and the kernel release "unknown") is no value: left out rather than written as 0 or a word."""
+    fields = pt.facts_fields(HostFacts(halt_poll_ns=0))
+    assert fields["halt_poll_ns"] == 0 and fields["kernel_release"] is None
+    b = builder()
+    b.set_facts(HostFacts(halt_poll_ns=0))
+    written = parse_line(b.facts_line(sample_of(reading(11, "a"))))[2]
+    assert written["halt_poll_ns"] == "0i"
+    assert not {"cpus_online", "mem_total_bytes", "halt_poll_ns_grow", "nx_huge_pages", "kernel_release"} & set(
+        written)

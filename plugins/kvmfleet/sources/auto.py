@@ -7,7 +7,8 @@ vCPU stats fds where the VMM holds them (one ``pread`` each, against a QMP round
 libvirtd), else from libvirt. A VM seen by several sources is one VM (matched by its QEMU pid and VM
 fd, by pid, or by UUID); its ``source`` says what was combined (``libvirt+statsfd``), and the choice
 is logged once per VM. libvirt is not asked at all while debugfs reads. A VM that debugfs names but
-no source can read is still reported (empty stats, source ``none``) so an operator sees it exists.
+no source can read is still reported (empty stats, source ``none``) so an operator sees it exists; it, and a VM
+read without its vCPUs, has them counted from debugfs's ``vcpuN`` directories, which lockdown lets us list.
 Why a source is unusable is logged once per reason.
 """
 
@@ -76,7 +77,25 @@ class AutoSource(Source):
         merged.extend(self._with_libvirt(rest) if self._libvirt_asked else rest)
         seen = {_match_key(r.identity.key) for r in merged} | {(r.identity.key.pid, -1) for r in merged}
         merged.extend(self._unreadable(listed, seen))
+        self._count_vcpus(merged, listed)
         return merged
+
+    def _count_vcpus(self, readings: list[VMReading], listed: list[tuple[int, int]]) -> None:
+        """A VM read without any vCPU (debugfs locked down and no vCPU stats fds, or no source at all) still has
+        its vCPUs counted from debugfs's listing, which lockdown allows."""
+        dirs_of: dict[int, list[int]] = {}
+        for pid, vm_fd in listed:
+            dirs_of.setdefault(pid, []).append(vm_fd)
+        for reading in readings:
+            if reading.vcpus or reading.vcpus_listed is not None:
+                continue
+            key = reading.identity.key
+            fds = dirs_of.get(key.pid, [])
+            # a VMM that closed its VM fd (vm_fd -1) has one VM: its pid's only directory
+            if key.vm_fd in fds:
+                reading.vcpus_listed = self.debugfs.vcpus_listed(key.pid, key.vm_fd)
+            elif key.vm_fd == -1 and len(fds) == 1:
+                reading.vcpus_listed = self.debugfs.vcpus_listed(key.pid, fds[0])
 
     def _with_libvirt(self, from_statsfd: list[VMReading]) -> list[VMReading]:
         """Debugfs unreadable: VM-level counters from libvirt, per-vCPU ones from held stats fds where the VMM

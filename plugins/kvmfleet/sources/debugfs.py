@@ -1,7 +1,8 @@
 """KVM statistics from debugfs: ``/sys/kernel/debug/kvm/<pid>-<fd>/`` per VM.
 
 Each per-VM directory holds that VM's stats plus its vCPU stats summed over its vCPUs (the
-``vcpuN/`` subdirectories hold only arch files such as ``tsc-offset``). Every file is opened, read
+``vcpuN/`` subdirectories hold only arch files such as ``tsc-offset``: they are counted, not read, so that a
+VM read here has its vCPU count, :attr:`~kvmfleet.model.VMReading.vcpus_listed`). Every file is opened, read
 and closed within the sample: an open debugfs file takes a reference on its VM, and a collector that
 kept one open would keep a dead VM's memory alive (``docs/statistics.md``, "Borrowed fds and pinning").
 
@@ -32,6 +33,7 @@ from .base import Source
 
 DEFAULT_ROOT = "/sys/kernel/debug/kvm"
 VM_DIR = re.compile(r"(\d+)-(\d+)$")
+VCPU_DIR = re.compile(r"vcpu[0-9]+")  # kvm_create_vcpu_debugfs(): one per vCPU, named by its id
 # Files that are not a single number (mmu_rmaps_stat is a text table); histograms show only their
 # first bucket in debugfs, which would mislead: the binary stats fd carries them whole.
 NOT_A_COUNTER = frozenset({"mmu_rmaps_stat"})
@@ -53,6 +55,10 @@ def guess_desc(name: str, mode: int) -> StatDesc | None:
     if name == "guest_mode":
         return StatDesc(name, kind, StatUnit.BOOLEAN)
     return StatDesc(name, kind)
+
+
+def _is_vcpu_dir(entry: os.DirEntry[str]) -> bool:
+    return VCPU_DIR.fullmatch(entry.name) is not None and entry.is_dir(follow_symlinks=False)
 
 
 def foreign_pids_reason(namespace: procfs.PidNamespace) -> str:
@@ -124,11 +130,31 @@ class DebugfsSource(Source):
             self._descs[name] = guess_desc(name, mode) if stat.S_ISREG(mode) else None
         return self._descs[name]
 
-    def _read_dir(self, vm_dir: str) -> tuple[Stats, dict[str, StatDesc]]:
-        """Open, read, close each counter file. EPERM propagates (lockdown); ENOENT means the VM went."""
+    def vcpus_listed(self, pid: int, vm_fd: int) -> int | None:
+        """How many vCPU directories debugfs has for this VM (listing works under lockdown too), or None when
+        there is no such directory to list (or its pid is not ours to name)."""
+        if self._foreign:
+            return None
+        try:
+            with os.scandir(f"{self.root}/{pid}-{vm_fd}") as entries:
+                return sum(1 for entry in entries if _is_vcpu_dir(entry))
+        except OSError:
+            return None
+
+    def _read_dir(self, vm_dir: str) -> tuple[Stats, dict[str, StatDesc], int]:
+        """Open, read, close each counter file, count the vCPU directories. EPERM propagates (lockdown); ENOENT
+        means the VM went."""
         stats: dict[str, Value] = {}
         descs: dict[str, StatDesc] = {}
-        for name in os.listdir(vm_dir):
+        vcpus = 0
+        with os.scandir(vm_dir) as entries:
+            names = []
+            for entry in entries:
+                if _is_vcpu_dir(entry):
+                    vcpus += 1
+                else:
+                    names.append(entry.name)
+        for name in names:
             path = f"{vm_dir}/{name}"
             desc = self._desc(path, name)
             if desc is None:
@@ -145,7 +171,7 @@ class DebugfsSource(Source):
                 self.say(f"debugfs-text:{name}", f"kvmfleet: debugfs {name} is not a number, skipped")
                 continue
             descs[name] = desc
-        return stats, descs
+        return stats, descs, vcpus
 
     def read(self) -> list[VMReading]:
         if self._foreign:
@@ -161,14 +187,15 @@ class DebugfsSource(Source):
             if identity is None:
                 continue
             try:
-                stats, descs = self._read_dir(f"{self.root}/{pid}-{vm_fd}")
+                stats, descs, vcpus = self._read_dir(f"{self.root}/{pid}-{vm_fd}")
             except OSError as err:
                 if err.errno in (errno.EPERM, errno.EACCES):
                     why = (f"kernel lockdown ({lockdown_mode()}) denies reading {self.root}"
                            if err.errno == errno.EPERM else f"permission denied on {self.root} (not root?)")
                     return self._unusable(why)
                 continue  # the VM vanished mid-read: it is simply not in this sample
-            readings.append(VMReading(identity, self.name, stats, {}, descs, vm_stats_include_vcpus=True))
+            readings.append(VMReading(identity, self.name, stats, {}, descs, vm_stats_include_vcpus=True,
+                                      vcpus_listed=vcpus))
         self._forget_gone(readings)
         self._usability = Usability(True, f"{len(readings)} VMs readable")
         self.say.forget("debugfs")
