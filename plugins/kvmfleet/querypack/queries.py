@@ -81,9 +81,10 @@ _REGEX_AFTER = re.compile(r"(?:=~|!~|\bFROM|,)\s*$", re.IGNORECASE)
 
 
 def one_line(statement: str) -> str:
-    """``statement`` on one line: each run of whitespace outside literals becomes one space, and a ``--`` comment
-    is dropped (it would swallow the rest of the line). Strings, quoted identifiers, ``/regex/`` literals and
-    ``/* */`` comments are kept byte for byte, newlines and escapes included."""
+    """``statement`` on one line: each run of whitespace outside literals becomes one space, and comments are
+    dropped (a ``--`` one would swallow the rest of the line). Strings, quoted identifiers and ``/regex/`` literals
+    are kept byte for byte, escapes included: one holding a newline keeps it (the pack has none: a host regex cannot
+    span lines)."""
     out: list[str] = []
     i, n = 0, len(statement)
     while i < n:
@@ -91,7 +92,7 @@ def one_line(statement: str) -> str:
         if ch.isspace():
             while i < n and statement[i].isspace():
                 i += 1
-            if not out or out[-1] != "(":  # "FROM (SELECT", as one would write it on one line
+            if out and out[-1] not in " (":  # "FROM (SELECT", as one would write it on one line
                 out.append(" ")
             continue
         if statement.startswith("--", i):
@@ -100,9 +101,9 @@ def one_line(statement: str) -> str:
             continue
         if statement.startswith("/*", i):
             end = statement.find("*/", i + 2)
-            end = n if end < 0 else end + 2
-            out.append(statement[i:end])
-            i = end
+            i = n if end < 0 else end + 2
+            if out and out[-1] != " ":
+                out.append(" ")
             continue
         if ch in "'\"" or (ch == "/" and _REGEX_AFTER.search("".join(out))):
             j = i + 1
