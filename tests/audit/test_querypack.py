@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import string
 
 import pytest
 
@@ -17,6 +18,7 @@ from kvmfleet.querypack import (
     load_counters,
     load_queries,
     load_rules,
+    one_line,
     parse_override,
     regex_literal,
     select_columns,
@@ -196,3 +198,81 @@ def test_cli_queries_and_explain(capsys: pytest.CaptureFixture[str]) -> None:
     assert "no notes on a counter named 'bogus_counter'" in capsys.readouterr().err
     assert main(["explain", "--list"]) == 0
     assert len(capsys.readouterr().out.splitlines()) == len(load_counters())
+
+
+# -- one statement per line (the influx shell runs a line at a time)
+# Literals as InfluxQL reads them: strings, quoted identifiers, and a /regex/ after =~ or !~.
+_LITERAL = re.compile(r"""'(?:\\.|[^'\\])*'|"(?:\\.|[^"\\])*"|(?<=~)\s*/(?:\\.|[^/\\])*/""")
+
+
+def _literals(statement: str) -> list[str]:
+    return [m.group(0).strip() for m in _LITERAL.finditer(statement)]
+
+
+def _outside_literals(statement: str) -> str:
+    """The statement without its literals and without any whitespace, and so without the parenthesis spacing."""
+    return re.sub(r"\s+", "", _LITERAL.sub("L", statement))
+
+
+NASTY = QueryParams(window="2h", host_regex="^hv a/b;c -- d' \"e\"$", retention_policy="rp one", interval="30s")
+
+
+@pytest.mark.parametrize("params", [QueryParams(), NASTY], ids=["default", "nasty"])
+def test_every_pack_statement_flattens_to_one_line_with_literals_intact(params: QueryParams) -> None:
+    for q in load_queries().values():
+        wrapped = q.filled(params)
+        flat_lines = q.render(params, comments=False).splitlines()
+        assert len(flat_lines) == len(wrapped), q.name
+        for flat, stmt in zip(flat_lines, wrapped):
+            assert flat.endswith(";") and "\n" not in flat
+            flat = flat[:-1]
+            assert _literals(flat) == _literals(stmt), q.name
+            assert _outside_literals(flat) == _outside_literals(stmt), q.name
+            assert "  " not in _LITERAL.sub("L", flat), q.name  # whitespace runs outside literals are one space
+        assert "/" + regex_literal(params.host_regex) + "/" in flat_lines[0]
+
+
+def test_default_layout_comments_before_each_statement_no_blank_line() -> None:
+    subs = QueryParams().substitutions()
+    for q in load_queries().values():
+        text = q.render(QueryParams())
+        lines = text.splitlines()
+        comments = [line for line in lines if line.startswith("--")]
+        statements = [line for line in lines if not line.startswith("--")]
+        assert comments == [string.Template(line.rstrip()).substitute(subs) for line in q.text.splitlines()
+                            if line.strip().startswith("--")]  # a comment may name ${interval}
+        assert len(statements) == len(q.statements) and all(s.startswith("SELECT ") for s in statements)
+        assert "" not in lines  # `influx -execute` stops at a blank line ("empty input")
+        assert q.render(QueryParams(), wrapped=True) == string.Template(q.text).substitute(subs)
+
+
+@pytest.mark.parametrize("wrapped,flat", [
+    ("SELECT a\n  FROM  b", "SELECT a FROM b"),
+    ("SELECT a FROM b WHERE s = 'x  y\n  z' AND \"t  u\" = 'it\\'s  ok'",
+     "SELECT a FROM b WHERE s = 'x  y\n  z' AND \"t  u\" = 'it\\'s  ok'"),
+    ("SELECT a FROM b WHERE host =~ /a\\/b  c\n/\nAND x !~  /d  e/",
+     "SELECT a FROM b WHERE host =~ /a\\/b  c\n/ AND x !~ /d  e/"),
+    ("SELECT a  /  2 FROM b", "SELECT a / 2 FROM b"),  # a division, not a regex
+    ("SELECT a FROM  /cpu  .*/, /mem /", "SELECT a FROM /cpu  .*/, /mem /"),  # measurement regexes
+    ("SELECT a -- the first\nFROM b", "SELECT a FROM b"),  # an inline comment would swallow the rest of the line
+    ("SELECT a /* a\n  comment */FROM b", "SELECT a FROM b"),
+    ("SELECT mean(x) FROM (\n  SELECT x FROM b\n  GROUP BY *\n)\nGROUP BY host",
+     "SELECT mean(x) FROM (SELECT x FROM b GROUP BY *) GROUP BY host"),
+])
+def test_one_line_keeps_literals(wrapped: str, flat: str) -> None:
+    assert one_line(wrapped) == flat
+
+
+def test_cli_queries_layouts(capsys: pytest.CaptureFixture[str]) -> None:
+    n_statements = sum(len(q.statements) for q in load_queries().values())
+    assert main(["queries", "--no-comments"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == n_statements and all(s.startswith("SELECT ") and s.endswith(";") for s in lines)
+    assert main(["queries"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "" not in lines and sum(not s.startswith("--") for s in lines) == n_statements
+    assert main(["queries", "emulated_io", "--wrapped"]) == 0
+    assert capsys.readouterr().out == get_query("emulated_io").render(QueryParams(), wrapped=True).rstrip() + "\n"
+    assert main(["queries", "--wrapped", "--no-comments"]) == 0
+    wrapped = capsys.readouterr().out
+    assert "--" not in wrapped and "\n\n" in wrapped and len(wrapped.splitlines()) > n_statements

@@ -275,6 +275,9 @@ def add_queries_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thresholds", action="append", default=[], metavar="FILE",
                    help="with --rules: show the thresholds after these overrides")
     p.add_argument("--no-comments", action="store_true", help="statements only, without the explanations")
+    p.add_argument("--wrapped", action="store_true",
+                   help="statements over several lines, for reading (the influx shell runs one line at a time: "
+                        "by default each statement is on one line)")
 
 
 def run_queries_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -299,9 +302,13 @@ def run_queries_command(args: argparse.Namespace, out: TextIO | None = None) -> 
         params = QueryParams(window=args.window, host_regex=args.host_regex,
                              retention_policy=args.retention_policy, interval=args.interval)
         chosen = [get_query(args.name)] if args.name else list(queries.values())
+        if not args.wrapped:
+            # no blank line between queries: `influx -execute` stops at one ("empty input")
+            out.write("\n".join(q.render(params, comments=not args.no_comments) for q in chosen) + "\n")
+            return EXIT_OK
         texts = []
         for q in chosen:
-            text = q.render(params, comments=not args.no_comments).rstrip()
+            text = q.render(params, comments=not args.no_comments, wrapped=True).rstrip()
             texts.append(text if text.endswith(";") or len(chosen) == 1 else text + ";")
         out.write("\n\n".join(texts) + "\n")
     except PackError as e:

@@ -18,12 +18,12 @@ from __future__ import annotations
 from .counters import CounterDoc, counter_name_ok, explain_text, find_counter, load_counters
 from .data import PackError
 from .params import QueryParams, duration_seconds, exact_hosts_regex, interval_for, regex_literal
-from .queries import Query, get_query, load_queries, parse_query_file, select_columns, split_columns
+from .queries import Query, get_query, load_queries, one_line, parse_query_file, select_columns, split_columns
 from .rules import Rule, apply_overrides, load_rules, parse_override, parse_rules
 
 __all__ = [
     "CounterDoc", "PackError", "Query", "QueryParams", "Rule", "apply_overrides", "counter_name_ok",
     "duration_seconds", "exact_hosts_regex", "explain_text", "find_counter", "get_query", "interval_for",
-    "load_counters", "load_queries", "load_rules", "parse_override", "parse_query_file", "parse_rules",
+    "load_counters", "load_queries", "load_rules", "one_line", "parse_override", "parse_query_file", "parse_rules",
     "regex_literal", "select_columns", "split_columns",
 ]

@@ -27,25 +27,96 @@ class Query:
     text: str  # the whole file
     statements: tuple[str, ...]  # without comments, placeholders unfilled
 
-    def render(self, params: QueryParams, comments: bool = True) -> str:
+    def render(self, params: QueryParams, comments: bool = True, wrapped: bool = False) -> str:
+        """The query filled in: by default each statement on one line ending in ``;`` (the ``influx`` shell runs
+        a line at a time), its comments on lines of their own before it; ``wrapped``: the file's own layout."""
         subs = params.substitutions()
-        if comments:
-            return string.Template(self.text).substitute(subs)
-        return ";\n".join(string.Template(s).substitute(subs) for s in self.statements)
+        if wrapped:
+            if comments:
+                return string.Template(self.text).substitute(subs)
+            return ";\n".join(string.Template(s).substitute(subs) for s in self.statements)
+        lines = []
+        for kind, text in _segments(self.text):
+            if kind == "statement":
+                lines.append(one_line(string.Template(text).substitute(subs)) + ";")
+            elif comments:
+                lines.append(string.Template(text).substitute(subs))
+        return "\n".join(lines)
 
     def filled(self, params: QueryParams) -> list[str]:
         subs = params.substitutions()
         return [string.Template(s).substitute(subs) for s in self.statements]
 
 
-def _strip_comments(text: str) -> str:
-    lines = []
+def _segments(text: str) -> list[tuple[str, str]]:
+    """The file as ``("comment", line)`` and ``("statement", text)`` in file order (placeholders unfilled, so that
+    a ``;`` a placeholder brings cannot cut a statement); a comment inside a statement comes before it."""
+    out: list[tuple[str, str]] = []
+    pending_comments: list[tuple[str, str]] = []
+    statement: list[str] = []
+
+    def end_statement() -> None:
+        body = "\n".join(statement).strip()
+        statement.clear()
+        out.extend(pending_comments)
+        pending_comments.clear()
+        if body:
+            out.append(("statement", body))
+
     for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("--"):
+        if line.strip().startswith("--"):
+            pending_comments.append(("comment", line.rstrip()))
             continue
-        lines.append(line.rstrip())
-    return "\n".join(lines)
+        parts = line.rstrip().split(";")
+        for i, part in enumerate(parts):
+            statement.append(part)
+            if i < len(parts) - 1:
+                end_statement()
+    end_statement()
+    return out
+
+
+# Where InfluxQL reads a ``/`` as the start of a regex literal rather than a division.
+_REGEX_AFTER = re.compile(r"(?:=~|!~|\bFROM|,)\s*$", re.IGNORECASE)
+
+
+def one_line(statement: str) -> str:
+    """``statement`` on one line: each run of whitespace outside literals becomes one space, and comments are
+    dropped (a ``--`` one would swallow the rest of the line). Strings, quoted identifiers and ``/regex/`` literals
+    are kept byte for byte, escapes included: one holding a newline keeps it (the pack has none: a host regex cannot
+    span lines)."""
+    out: list[str] = []
+    i, n = 0, len(statement)
+    while i < n:
+        ch = statement[i]
+        if ch.isspace():
+            while i < n and statement[i].isspace():
+                i += 1
+            if out and out[-1] not in " (":  # "FROM (SELECT", as one would write it on one line
+                out.append(" ")
+            continue
+        if statement.startswith("--", i):
+            while i < n and statement[i] != "\n":
+                i += 1
+            continue
+        if statement.startswith("/*", i):
+            end = statement.find("*/", i + 2)
+            i = n if end < 0 else end + 2
+            if out and out[-1] != " ":
+                out.append(" ")
+            continue
+        if ch in "'\"" or (ch == "/" and _REGEX_AFTER.search("".join(out))):
+            j = i + 1
+            while j < n and statement[j] != ch:
+                j += 2 if statement[j] == "\\" else 1
+            out.append(statement[i:j + 1])
+            i = j + 1
+            continue
+        if ch == ")" and out and out[-1] == " ":
+            out.pop()
+        out.append(ch)
+        i += 1
+    return "".join(out).strip()
 
 
 def parse_query_file(name: str, text: str) -> Query:
@@ -54,8 +125,7 @@ def parse_query_file(name: str, text: str) -> Query:
         m = re.match(r"^--\s*([a-z_]+):\s*(.*?)\s*$", line)
         if m and m.group(1) in ("name", "title", "measurement", "stage", "parallel"):
             meta.setdefault(m.group(1), m.group(2))
-    body = _strip_comments(text)
-    statements = tuple(s.strip() for s in body.split(";") if s.strip())
+    statements = tuple(body for kind, body in _segments(text) if kind == "statement")
     if not statements:
         raise PackError(f"query file {name}.influxql holds no statement")
     for s in statements:
