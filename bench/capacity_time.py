@@ -94,9 +94,8 @@ def measure(server: InfluxDB1, db: str, hosts: int, window: str, repeat: int, pa
         cap_runs.append(capacity())
     client.close()
     b, c = statistics.median(base_runs), statistics.median(cap_runs)
-    print(f"  {hosts:>5} hosts  baseline count(exits): median {b:.3f}s  runs {', '.join(f'{x:.3f}' for x in base_runs)}")
-    print(f"  {hosts:>5} hosts  capacity report:       median {c:.3f}s  runs {', '.join(f'{x:.3f}' for x in cap_runs)}"
-          f"  ({c / b:.2f}x, {c / hosts * 1000:.2f} ms per host)")
+    runs = "; ".join(f"{x:.3f}/{y:.3f}" for x, y in zip(base_runs, cap_runs))
+    print(f"{hosts} hosts, baseline/capacity runs (s): {runs}")
     return b, c, last["result"]
 
 
@@ -127,12 +126,11 @@ def main() -> int:
             print(f"{db}: wrote {points:,} points ({n} hosts x {duration // args.step + 1} samples x (kvm + kvm_host "
                   f"+ {args.vms}+ kvm_vm)) in {took:.0f}s: {points / took:,.0f} points/s")
         print(f"influxd settled after {settle(server.proc.pid):.0f}s")
-        print(f"{'hosts':>7}  {'baseline s':>10}  {'capacity s':>10}  {'ratio':>6}  {'ms/host':>8}")
         for n in (args.small, args.hosts):
             b, c, result = measure(server, f"kvm{n}", n, window, args.repeat, args.parallel)
             rows.append((n, b, c, result))
         print()
-        print(f"{'hosts':>7}  {'baseline s':>10}  {'capacity s':>10}  {'ratio':>6}  {'ms/host':>8}")
+        print(f"{'hosts':>7}  {'baseline s':>10}  {'capacity s':>10}  {'ratio':>6}  {'ms/host':>8}  (medians)")
         for n, b, c, _ in rows:
             print(f"{n:>7}  {b:>10.3f}  {c:>10.3f}  {c / b:>6.2f}  {c / n * 1000:>8.2f}")
         big = rows[-1][3]
@@ -140,7 +138,7 @@ def main() -> int:
               + ", ".join(f"{q['query']} ({q['hosts']})" for q in big.queries))
         print(f"findings: {len(big.findings)}; fleet: {big.fleet['vcpus']:.0f} vCPUs on {big.fleet['cpus']:.0f} CPUs, "
               f"{big.fleet['vcpus_per_day']:+.0f} vCPUs/day")
-        (ns, bs, cs, _), (nb, bb, cb, _) = rows
+        (ns, _, cs, _), (nb, bb, cb, _) = rows
         print(f"capacity_ratio={cb / bb:.2f}")
         print(f"per_host_ms_small={cs / ns * 1000:.3f}")
         print(f"per_host_ms={cb / nb * 1000:.3f}")
