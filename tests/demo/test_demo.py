@@ -64,5 +64,14 @@ def test_demo_flags_the_paging_host_only_and_stops_clean(demo_env):
         hosts = {x["host"] for x in report["findings"]}
         assert {f"{FLEET}-hv2", f"{FLEET}-hv3"} <= hosts, report["findings"]  # judged, just not shadow-paging
         assert os.path.exists(os.path.join(os.path.dirname(path), "audit.html"))
+        with open(os.path.join(os.path.dirname(path), "capacity.json")) as f:
+            capacity = json.load(f)
+        # the real guests the demo starts (scripts/demo GUESTS), on this machine's CPUs (every host shares them)
+        cpus = os.sysconf("SC_NPROCESSORS_ONLN")
+        seen = {h["host"]: (h["vms"], h["vcpus"], h["cpus"]) for h in capacity["hosts"]}
+        assert seen == {f"{FLEET}-hv1": (1, 2, cpus), f"{FLEET}-hv2": (2, 4, cpus), f"{FLEET}-hv3": (2, 2, cpus)}, seen
+        assert capacity["fleet"]["vcpus"] == 8 and capacity["fleet"]["cpus"] == 3 * cpus
+        assert capacity["missing"] == [] and capacity["stale"] == []
+        assert all(h["exits_per_s"] > 0 for h in capacity["hosts"]), capacity["hosts"]
     subprocess.run(MAKE_DEMO_STOP, cwd=ROOT, env=demo_env, check=True, capture_output=True, timeout=120)
     assert leftovers(demo_env) == []
