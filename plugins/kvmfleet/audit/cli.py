@@ -28,6 +28,7 @@ from ..querypack import (
 from ..replacefile import replace_file
 from ..severity import SEVERITIES
 from ..textsafe import one_line
+from .findings import add_write_findings_args, write_findings, write_findings_problem
 
 if TYPE_CHECKING:
     from .client import Connection
@@ -78,6 +79,7 @@ def add_audit_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="the most one request may take, connect to last byte (default 60)")
     p.add_argument("--parallel", type=int, default=4, metavar="N", help="requests in flight at once (default 4)")
+    add_write_findings_args(p)
 
 
 def run_audit_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -123,6 +125,9 @@ def _audit(args: argparse.Namespace, out: TextIO) -> int:
     else:
         out.write(text)
         out.flush()
+    # after the report: a failed write still leaves it printed, and exits 2
+    write_findings(args, "audit", result.findings, result.started_at, hosts=len(result.hosts),
+                   elapsed_s=result.elapsed_s, stale_hosts=len(result.stale))
     return _verdict(result, args)
 
 
@@ -138,6 +143,9 @@ def _audit_args_problem(args: argparse.Namespace) -> str | None:
     for wrong, message in pairs:
         if wrong:
             return message
+    problem = write_findings_problem(args)
+    if problem:
+        return problem
     try:
         duration_seconds(args.stale_after)
     except PackError as e:
