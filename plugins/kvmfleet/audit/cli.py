@@ -2,7 +2,7 @@
 
 Exit status of ``audit``: 0 when every host reported and no finding is at or above ``--fail-on``, 1 when there is
 one, 2 when the audit cannot tell (bad arguments, InfluxDB unreachable or misbehaving, a query refused, an answer
-it cannot read, no data, a stale host) with one line on stderr.
+it cannot read, no data, a stale host, findings that ``--write-findings`` could not write) with one line on stderr.
 """
 
 from __future__ import annotations
