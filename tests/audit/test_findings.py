@@ -155,7 +155,9 @@ def test_audit_writes_its_findings_with_a_write_only_user_and_a_query_returns_th
     assert shadow["summary"] and shadow["shadow_events_per_s"] > 0
     [run] = server.rows('SELECT * FROM "kvmfleet_audit_run"', db=DEFAULT_FINDINGS_DATABASE)
     assert (run["command"], run["findings"], run["hosts"], run["stale_hosts"]) == ("audit", len(expected), 3, 0)
-    # a finding that clears is not written again: a run where none is found writes only its run point
+    # a finding that clears is not written again: a run where none is found writes only its run point (a second
+    # later: a run's points are stamped in whole seconds, two runs in the same second would share them)
+    time.sleep(1.1)
     r = _audit(*read, *write, "--rules", "emulated-io")
     assert r.returncode == 0, r.stderr
     runs = server.rows('SELECT "findings" FROM "kvmfleet_audit_run"', db=DEFAULT_FINDINGS_DATABASE)
