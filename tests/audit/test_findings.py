@@ -87,6 +87,12 @@ def test_bad_write_options_fail_before_anything_is_sent(argv: list[str], words: 
         write_findings(_args("--url", "http://127.0.0.1:9", "--write-findings", *argv), "audit", [SHADOW], TS, 1, 1.0)
 
 
+def test_the_audit_refuses_bad_write_options_before_it_asks_anything() -> None:
+    r = _audit("--url", "http://127.0.0.1:9", "--database", "kvm", "--write-findings", "--write-bucket", "b")
+    assert (r.returncode, r.stdout) == (2, "")
+    assert r.stderr == "kvmfleet audit: error: --write-bucket needs --write-org\n"
+
+
 def test_without_write_findings_nothing_is_written() -> None:
     assert write_findings(_args("--url", "http://127.0.0.1:9"), "audit", [SHADOW], TS, 1, 1.0) == 0
 
