@@ -173,8 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="audit the fleet in InfluxDB: shadow paging, EPT/NPT, I/O, interrupts, ...",
                            description="Run the query pack against InfluxDB and the rules against the answers. Exit "
                                        "status 0: every host reported, nothing at or above --fail-on; 1: findings; "
-                                       "2: the audit cannot tell (an error, no data, a stale host), with one line on "
-                                       "stderr.")
+                                       "2: the audit cannot tell (an error, no data, a stale host) or "
+                                       "--write-findings could not write, with one line on stderr.")
     add_audit_args(audit)
     audit.set_defaults(func=cmd_audit)
 

@@ -17,7 +17,9 @@ M_VM = "kvm_vm"  # one point per VM and sample
 M_VCPU = "kvm_vcpu"  # one point per vCPU and sample (opt-in)
 M_FACTS = "kvm_host"  # host facts, every sample
 M_AGENT = "kvmfleet_agent"  # the agent's own metrics, every sample
-MEASUREMENTS = (M_HOST, M_VM, M_VCPU, M_FACTS, M_AGENT)
+M_FINDING = "kvmfleet_finding"  # one point per finding of an audit run (--write-findings), in its own database
+M_AUDIT_RUN = "kvmfleet_audit_run"  # one point per audit run (--write-findings), findings or not
+MEASUREMENTS = (M_HOST, M_VM, M_VCPU, M_FACTS, M_AGENT, M_FINDING, M_AUDIT_RUN)
 COUNTER_MEASUREMENTS = (M_HOST, M_VM, M_VCPU)  # fields named like the kernel's counters
 
 # ---------------------------------------------------------------------------------------------- tags
@@ -26,6 +28,9 @@ T_VM = "vm"  # the VM's name from its VMM
 T_VM_UUID = "vm_uuid"  # the VM's UUID, when the VMM gives one
 T_VMM = "vmm"  # qemu, firecracker, cloud-hypervisor, kvmfleet-guestvmm, or the process name
 T_VCPU = "vcpu"  # the vCPU id
+T_RULE = "rule"  # kvmfleet_finding: the rule id (shadow-paging, ...)
+T_SEVERITY = "severity"  # kvmfleet_finding: info, warning or critical
+T_COMMAND = "command"  # kvmfleet_audit_run: the command that ran (audit, capacity)
 
 # The tags each measurement carries besides the static ``Tag`` options of the plugin.
 TAGS: dict[str, tuple[str, ...]] = {
@@ -34,6 +39,8 @@ TAGS: dict[str, tuple[str, ...]] = {
     M_VCPU: (T_HOST, T_VM, T_VM_UUID, T_VMM, T_VCPU),
     M_FACTS: (T_HOST,),
     M_AGENT: (T_HOST,),
+    M_FINDING: (T_HOST, T_RULE, T_SEVERITY),  # host: the host the finding is about
+    M_AUDIT_RUN: (T_COMMAND,),
 }
 # Tag keys the agent sets itself: a static tag may not take them (nor "time", nor a name starting with "_").
 RESERVED_TAGS = (T_HOST, T_VM, T_VM_UUID, T_VMM, T_VCPU)
@@ -113,7 +120,25 @@ AGENT_GAUGES = ("sample_duration_s", "read_cpu_s")
 AGENT_SHIP_GAUGES = ("buffered",)
 AGENT_SHIP_DERIVES = ("sent", "dropped", "dropped_rejected", "retries")
 
-FIELDS: dict[str, tuple[Field, ...]] = {M_FACTS: FACT_FIELDS, M_AGENT: AGENT_FIELDS}
+F_SUMMARY = "summary"
+# kvmfleet_finding: the summary and the finding's numeric evidence, one float field per figure (the rule's own names,
+# e.g. shadow_events_per_s; nested figures joined with "_"; booleans and text left out): see docs/schema.md.
+FINDING_FIELDS: tuple[Field, ...] = (
+    Field(F_SUMMARY, "string", "the finding in one sentence, as the report says it"),
+)
+
+AUDIT_RUN_FIELDS: tuple[Field, ...] = (
+    Field("findings", "integer", "findings this run wrote (0: the run found nothing, which is worth a point too)"),
+    Field("critical", "integer", "of which critical"),
+    Field("warning", "integer", "of which warning (info findings are the rest)"),
+    Field("hosts", "integer", "hosts the run looked at"),
+    Field("stale_hosts", "integer", "hosts with no recent sample: their findings could not be judged (the command "
+                                    "exited 2), so a finding of theirs missing from this run has not cleared"),
+    Field("elapsed_s", "float", "seconds the run took (queries and rules)"),
+)
+
+FIELDS: dict[str, tuple[Field, ...]] = {M_FACTS: FACT_FIELDS, M_AGENT: AGENT_FIELDS, M_FINDING: FINDING_FIELDS,
+                                        M_AUDIT_RUN: AUDIT_RUN_FIELDS}
 
 
 # ---------------------------------------------------------------------------------------------- counter names

@@ -25,7 +25,7 @@ from kvmfleet.options import OPTIONS, Option, parse_config
 
 from .conftest import ROOT, require_tool
 
-ROLES = ("kvmfleet_collectd", "kvmfleet_influxdb")
+ROLES = ("kvmfleet_collectd", "kvmfleet_influxdb", "kvmfleet_audit")
 SPEC_TYPES = {"bool": {"bool"}, "choice": {"str"}, "seconds": {"float"}, "count": {"int"}, "regex": {"list"},
               "tag": {"dict"}, "string": {"str"}, "url": {"str"}, "cafile": {"path", "str"},
               "spoolpath": {"path", "str"}}
@@ -156,6 +156,7 @@ def choice_cases(role: str) -> list[tuple[str, Any]]:
 # A value that is valid only with others beside it (checked by the role's own assertions): those others.
 COMPANIONS: dict[tuple[str, str], dict[str, str]] = {
     ("kvmfleet_influxdb_api", "v2"): {"kvmfleet_influxdb_org": "ops", "kvmfleet_influxdb_token": "t0ken"},
+    ("kvmfleet_audit_state", "present"): {"kvmfleet_audit_url": "https://db.example:8086"},
 }
 
 
@@ -184,6 +185,9 @@ def test_validation_accepts_every_allowed_choice(role: str, tmp_path: Path, tool
     ("kvmfleet_influxdb", "kvmfleet_influxdb_users", [{"name": "u", "password": "p", "privilege": "OWNER"}],
      "privilege"),
     ("kvmfleet_influxdb", "kvmfleet_influxdb_retention_duration", "30x", "kvmfleet_influxdb_retention_duration"),
+    ("kvmfleet_audit", "kvmfleet_audit_state", "gone", "kvmfleet_audit_state"),
+    ("kvmfleet_audit", "kvmfleet_audit_url", "db.example:8086", "kvmfleet_audit_url"),
+    ("kvmfleet_audit", "kvmfleet_audit_install_dir", "/opt", "kvmfleet_audit_install_dir"),
 ])
 def test_validation_refuses_a_wrong_value_naming_the_variable(role: str, var: str, value: Any, needle: str,
                                                               tmp_path: Path, tool_env: dict[str, str]) -> None:

@@ -2,7 +2,7 @@
 
 Exit status of ``audit``: 0 when every host reported and no finding is at or above ``--fail-on``, 1 when there is
 one, 2 when the audit cannot tell (bad arguments, InfluxDB unreachable or misbehaving, a query refused, an answer
-it cannot read, no data, a stale host) with one line on stderr.
+it cannot read, no data, a stale host, findings that ``--write-findings`` could not write) with one line on stderr.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from ..querypack import (
 from ..replacefile import replace_file
 from ..severity import SEVERITIES
 from ..textsafe import one_line
+from .findings import add_write_findings_args, write_findings, write_findings_problem
 
 if TYPE_CHECKING:
     from .client import Connection
@@ -72,6 +73,7 @@ def add_connection_args(p: argparse.ArgumentParser, window: str) -> None:
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
                    help="the most one request may take, connect to last byte (default 60)")
     p.add_argument("--parallel", type=int, default=4, metavar="N", help="requests in flight at once (default 4)")
+    add_write_findings_args(p)
 
 
 def add_audit_args(p: argparse.ArgumentParser) -> None:
@@ -129,6 +131,9 @@ def _audit(args: argparse.Namespace, out: TextIO) -> int:
     else:
         out.write(text)
         out.flush()
+    # after the report: a failed write still leaves it printed, and exits 2
+    write_findings(args, "audit", result.findings, result.started_at, hosts=len(result.hosts),
+                   elapsed_s=result.elapsed_s, stale_hosts=len(result.stale))
     return _verdict(result, args)
 
 
@@ -144,6 +149,9 @@ def _audit_args_problem(args: argparse.Namespace) -> str | None:
     for wrong, message in pairs:
         if wrong:
             return message
+    problem = write_findings_problem(args)
+    if problem:
+        return problem
     try:
         duration_seconds(args.stale_after)
     except PackError as e:
