@@ -214,3 +214,18 @@ def test_missing_or_stale_data_fails_closed(audit_influx: InfluxDB1, capsys: pyt
     assert "1 without the data capacity needs: cap-oldagent (kvm_host has no cpus_online" in err
     assert main([*base, "--host-regex", "^nothing$"]) == 2
     assert "no kvm samples for hosts matching ^nothing$" in capsys.readouterr().err
+
+
+def test_write_findings_writes_the_limits_and_a_run_point(audit_influx: InfluxDB1, fleet: str) -> None:
+    audit_influx.create_database("capfindings")
+    argv = ["capacity", "--url", audit_influx.url, "--database", fleet, "--window", WINDOW, "--stale-after", "15m",
+            "--format", "json", "--write-findings", "--write-database", "capfindings"]
+    assert main(argv) == 0
+    rows = audit_influx.rows('SELECT * FROM "kvmfleet_finding"', db="capfindings")
+    assert {(r["host"], r["rule"], r["severity"]) for r in rows} == {("cap-over", "capacity-limit", "critical"),
+                                                                     ("cap-grow", "capacity-limit", "warning")}
+    over = next(r for r in rows if r["host"] == "cap-over")
+    assert (over["value"], over["max"], over["days_to_limit"], over["cpus"], over["vcpus"]) == (5.0, 4.0, 0.0, 32.0,
+                                                                                               160.0)
+    [run] = audit_influx.rows('SELECT * FROM "kvmfleet_audit_run"', db="capfindings")
+    assert (run["command"], run["findings"], run["hosts"], run["stale_hosts"]) == ("capacity", 2, 7, 0)

@@ -256,6 +256,9 @@ def _capacity(args: argparse.Namespace, out: TextIO) -> int:
     else:
         out.write(text)
         out.flush()
+    # after the report, as the audit does: a limit that clears is simply not written again
+    write_findings(args, "capacity", result.findings, result.started_at, hosts=len(result.hosts),
+                   elapsed_s=result.elapsed_s, stale_hosts=len(result.stale))
     if result.stale or result.missing:
         why = [f"{len(result.stale)} stale (no sample in the last {result.stale_after}): "
                f"{names_text([s.host for s in result.stale], cut=60)}"] if result.stale else []
