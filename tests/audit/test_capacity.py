@@ -207,11 +207,18 @@ def test_missing_or_stale_data_fails_closed(audit_influx: InfluxDB1, capsys: pyt
                                                            if k != "cpus_online"})
     sy.post_lines(audit_influx.url, db, sy.fleet_lines([old_agent], now, 3600, STEP))
     sy.post_lines(audit_influx.url, db, sy.fleet_lines([sy.make_host("cap-stopped", "ept")], now - 1800, 3600, STEP))
+    # a host without VMs sends kvm_host (vms=0) and no kvm point: nothing to tell, yet nothing missing
+    empty = sy.make_host("cap-empty", "ept", n_vms=0, fields=())
+    sy.post_lines(audit_influx.url, db, sy.fleet_lines([empty], now, 3600, STEP))
     base = ["capacity", "--url", audit_influx.url, "--database", db, "--window", "2h"]
     assert main(base) == 2
     err = capsys.readouterr().err
-    assert "1 stale (no sample in the last 5m): cap-stopped" in err
+    assert "of 3 hosts, 1 stale (no sample in the last 5m): cap-stopped" in err
     assert "1 without the data capacity needs: cap-oldagent (kvm_host has no cpus_online" in err
+    assert main([*base, "--host-regex", "^cap-empty$", "--format", "json"]) == 0
+    [h] = json.loads(capsys.readouterr().out)["hosts"]
+    assert (h["vms"], h["vcpus"], h["exits_per_s"], h["halt_poll_cpus"], h["headroom_vcpus"]) == (0, 0, 0.0, 0.0, 128)
+    assert "no VM in the window: nothing exits or polls" in h["notes"]
     assert main([*base, "--host-regex", "^nothing$"]) == 2
     assert "no kvm samples for hosts matching ^nothing$" in capsys.readouterr().err
 

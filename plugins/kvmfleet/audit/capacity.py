@@ -402,6 +402,10 @@ def host_capacity(name: str, facts: Mapping[str, Any], load: Mapping[float, Mapp
         h.exits_per_s = inc / secs
         h.notes.append("counters went down in the window (a restart, or a VM that stopped): rates from the time "
                        "buckets, the intervals of the drops left out")
+    idle = not (h.vms_peak or h.vms)  # no VM in the window: an agent sends no kvm point then
+    if h.exits_per_s is None and idle and not exits_rows and pairs is None:
+        h.exits_per_s = 0.0
+        h.notes.append("no VM in the window: nothing exits or polls")
     h.exits_per_s_per_cpu = ratio(h.exits_per_s, h.cpus)
     h.exits_per_s_per_day = slope_per_day(rate_points)
 
@@ -417,6 +421,8 @@ def host_capacity(name: str, facts: Mapping[str, Any], load: Mapping[float, Mapp
         h.halt_poll_cpus = (ok + fail) / span / 1e9
         h.halt_poll_fail_cpus = fail / span / 1e9
         h.halt_poll_share = ratio(h.halt_poll_cpus, h.cpus)
+    elif idle and pairs is None:
+        h.halt_poll_cpus = h.halt_poll_fail_cpus = h.halt_poll_share = 0.0
     else:
         h.notes.append("halt polling not computed: no halt_poll_success_ns/halt_poll_fail_ns (a kernel before 5.8, "
                        "or a source without them)")
