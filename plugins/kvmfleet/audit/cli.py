@@ -31,6 +31,7 @@ from ..textsafe import one_line
 from .findings import add_write_findings_args, write_findings, write_findings_problem
 
 if TYPE_CHECKING:
+    from .capacity import CapacityResult
     from .client import Connection
     from .engine import AuditResult
 
@@ -125,16 +126,21 @@ def _audit(args: argparse.Namespace, out: TextIO) -> int:
         result = run_audit(client, options, source=conn.describe())
     finally:
         client.close()
-    text = render(result, args.format, args.fail_on)
+    _publish(args, out, "audit", render(result, args.format, args.fail_on), result)
+    return _verdict(result, args)
+
+
+def _publish(args: argparse.Namespace, out: TextIO, command: str, text: str,
+             result: AuditResult | CapacityResult) -> None:
+    """The report to ``--output`` or ``out``; then, with ``--write-findings``, its findings to InfluxDB (after the
+    report: a failed write leaves it printed, and exits 2; a finding that clears is simply not written again)."""
     if args.output:
         replace_file(args.output, text.encode("utf-8"))
     else:
         out.write(text)
         out.flush()
-    # after the report: a failed write still leaves it printed, and exits 2
-    write_findings(args, "audit", result.findings, result.started_at, hosts=len(result.hosts),
+    write_findings(args, command, result.findings, result.started_at, hosts=len(result.hosts),
                    elapsed_s=result.elapsed_s, stale_hosts=len(result.stale))
-    return _verdict(result, args)
 
 
 def _audit_args_problem(args: argparse.Namespace) -> str | None:
@@ -250,15 +256,7 @@ def _capacity(args: argparse.Namespace, out: TextIO) -> int:
         result = run_capacity(client, options, source=conn.describe())
     finally:
         client.close()
-    text = render(result, args.format, args.fail_on)
-    if args.output:
-        replace_file(args.output, text.encode("utf-8"))
-    else:
-        out.write(text)
-        out.flush()
-    # after the report, as the audit does: a limit that clears is simply not written again
-    write_findings(args, "capacity", result.findings, result.started_at, hosts=len(result.hosts),
-                   elapsed_s=result.elapsed_s, stale_hosts=len(result.stale))
+    _publish(args, out, "capacity", render(result, args.format, args.fail_on), result)
     if result.stale or result.missing:
         why = [f"{len(result.stale)} stale (no sample in the last {result.stale_after}): "
                f"{names_text([s.host for s in result.stale], cut=60)}"] if result.stale else []
