@@ -12,6 +12,7 @@ import os
 import sys
 import textwrap
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
 from ..querypack import (
@@ -92,16 +93,23 @@ def add_audit_args(p: argparse.ArgumentParser) -> None:
 def run_audit_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """The audit and its exit status: 1 means findings and nothing else; whatever keeps the audit from telling
     (an error, no data, a stale host, an answer it cannot read, even a bug) is 2 with one line on stderr."""
+    return _guarded("audit", _audit, args, out or sys.stdout)
+
+
+def _guarded(prog: str, body: Callable[[argparse.Namespace, TextIO], int], args: argparse.Namespace,
+             out: TextIO) -> int:
+    """``body``'s exit status; whatever keeps it from telling (an error, an answer it cannot read, even a bug) is
+    2 with one line on stderr, never "nothing found"."""
     from .client import AuditError
 
     try:
-        return _audit(args, out or sys.stdout)
+        return body(args, out)
     except (PackError, AuditError) as e:
-        return _err("audit", str(e))
+        return _err(prog, str(e))
     except OSError as e:
-        return _err("audit", f"{e.filename or ''}: {e.strerror or e}")
-    except Exception as e:  # a bug, or data no check foresaw: "could not tell", never "findings"
-        return _err("audit", f"internal error, please report it: {_raised_at(e)}")
+        return _err(prog, f"{e.filename or ''}: {e.strerror or e}")
+    except Exception as e:  # a bug, or data no check foresaw: "could not tell"
+        return _err(prog, f"internal error, please report it: {_raised_at(e)}")
 
 
 def _audit(args: argparse.Namespace, out: TextIO) -> int:
@@ -225,16 +233,7 @@ def add_capacity_args(p: argparse.ArgumentParser) -> None:
 def run_capacity_command(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """The capacity report; exit 0, 1 with ``--fail-on`` and a limit crossed (or forecast), 2 when it cannot
     tell (an error, no data, a stale host or one without the facts capacity needs)."""
-    from .client import AuditError
-
-    try:
-        return _capacity(args, out or sys.stdout)
-    except (PackError, AuditError) as e:
-        return _err("capacity", str(e))
-    except OSError as e:
-        return _err("capacity", f"{e.filename or ''}: {e.strerror or e}")
-    except Exception as e:  # a bug, or data no check foresaw: "could not tell", never "fine"
-        return _err("capacity", f"internal error, please report it: {_raised_at(e)}")
+    return _guarded("capacity", _capacity, args, out or sys.stdout)
 
 
 def _capacity(args: argparse.Namespace, out: TextIO) -> int:
