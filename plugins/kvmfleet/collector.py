@@ -25,12 +25,12 @@ keep its last accepted values, neither growing nor dropping; the other VMs are c
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, TypeVar
+from typing import Callable, Protocol, TypeVar
 
 from .logsay import SayOnce
-from .model import StatDesc, Stats, StatType, Value, VMIdentity, VMKey, VMReading
+from .model import ExitReasonReading, ReasonCounts, StatDesc, Stats, StatType, Value, VMIdentity, VMKey, VMReading
 from .plausible import PlausibilityGate
 from .sources.base import Source
 from .statblock import MergedStats, StatBlock, add_values, combine, scalar_items, sub_values, sum_blocks
@@ -47,6 +47,7 @@ class VMSample:
     descs: Mapping[str, StatDesc]
     parts: tuple[Stats, ...] = ()  # what ``stats`` is made of: VM-level stats, the vCPUs' sum
     vcpus_listed: int | None = None  # vCPUs the source counted without reading them (VMReading.vcpus_listed)
+    exit_reasons: ReasonCounts | None = None  # this VM's exits by reason, when the reasons source counts per VM
 
     @property
     def vcpu_count(self) -> int:
@@ -65,6 +66,8 @@ class Sample:
     duration_s: float = 0.0
     retired_vms: int = 0  # VMs that vanished since the previous sample
     refused: list[VMIdentity] = field(default_factory=list)  # VMs read but left out: implausible or unreadable
+    exit_reasons: ReasonCounts | None = None  # host-wide exits by reason, when a reasons source is on
+    reason_isa: dict[str, str] = field(default_factory=dict)  # the isa tag of each reason (ExitReasonReading.isa)
 
     @property
     def vcpu_count(self) -> int:
@@ -256,12 +259,25 @@ class HostTotals:
         return scalars
 
 
+class ReasonSource(Protocol):
+    """What the collector needs of an exit reasons source (:class:`kvmfleet.exitreasons.ExitReasonSource`)."""
+
+    def read(self, vms: Sequence[VMKey]) -> ExitReasonReading:
+        """Host-wide counts, and per VM for ``vms`` (the VMs of this sample) when counting per VM."""
+
+    def close(self) -> None:
+        """Close every perf fd."""
+
+
 class Collector:
-    """Reads a source and produces :class:`Sample` objects; one per call of :meth:`sample`."""
+    """Reads a source and produces :class:`Sample` objects; one per call of :meth:`sample`. With ``reasons``,
+    each sample also carries the exits by reason (host-wide, and per VM when that source counts per VM)."""
 
     def __init__(self, source: Source, wall_clock: Callable[[], int] = time.time_ns,
-                 mono_clock: Callable[[], float] = time.monotonic, say: SayOnce | None = None) -> None:
+                 mono_clock: Callable[[], float] = time.monotonic, say: SayOnce | None = None,
+                 reasons: ReasonSource | None = None) -> None:
         self.source = source
+        self.reasons = reasons
         self._totals = HostTotals()
         self.gate = PlausibilityGate(say)
         self._wall = wall_clock
@@ -271,8 +287,19 @@ class Collector:
         time_ns, start = self._wall(), self._mono()
         vms, refused = self._admit(self.source.read(), start)
         host, retired = self._totals.update(vms, [ident.key for ident in refused])
-        return Sample(time_ns, start, self.source.name, host, dict(self._totals.descs), vms,
-                      self._mono() - start, retired, refused)
+        sample = Sample(time_ns, start, self.source.name, host, dict(self._totals.descs), vms,
+                        self._mono() - start, retired, refused)
+        if self.reasons is not None:
+            self._add_reasons(sample)
+        sample.duration_s = self._mono() - start
+        return sample
+
+    def _add_reasons(self, sample: Sample) -> None:
+        assert self.reasons is not None
+        reading = self.reasons.read([vm.identity.key for vm in sample.vms])
+        sample.exit_reasons, sample.reason_isa = reading.host, reading.isa
+        for vm in sample.vms:
+            vm.exit_reasons = reading.vms.get(vm.identity.key)
 
     def _admit(self, readings: list[VMReading], now: float) -> tuple[list[VMSample], list[VMIdentity]]:
         """(the readings that pass the plausibility gate, as VM samples; the VMs refused). An error with one VM's
@@ -290,7 +317,11 @@ class Collector:
         return vms, refused
 
     def close(self) -> None:
-        self.source.close()
+        try:
+            self.source.close()
+        finally:
+            if self.reasons is not None:
+                self.reasons.close()
 
     def __enter__(self) -> Collector:
         return self

@@ -132,3 +132,23 @@ class Usability:
     def __bool__(self) -> bool:
         return self.usable
 
+
+
+# Exit counts by tracepoint, then reason name, each cumulative since the source started counting it:
+# {"kvm_userspace_exit": {"KVM_EXIT_HLT": 1000, "KVM_EXIT_IO": 1}, "kvm_exit": {"HLT": 12}}.
+# Only reasons seen (count > 0) appear. Reason names come from the tracepoint's own format file.
+ReasonCounts = dict[str, dict[str, int]]
+
+
+@dataclass
+class ExitReasonReading:
+    """What the exit reasons source read in one sample (:mod:`kvmfleet.exitreasons`).
+
+    ``host``: host-wide counts. ``vms``: per VM, for the VMs the source was asked about and could attribute
+    (empty unless per VM is on). ``isa``: the ``isa`` tag of each reason name, ``"vmx"`` or ``"svm"`` for
+    ``kvm_exit`` reasons, ``"userspace"`` for ``kvm_userspace_exit`` reasons.
+    """
+
+    host: ReasonCounts = field(default_factory=dict)
+    vms: dict[VMKey, ReasonCounts] = field(default_factory=dict)
+    isa: dict[str, str] = field(default_factory=dict)
