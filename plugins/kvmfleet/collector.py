@@ -291,7 +291,7 @@ class Collector:
                         self._mono() - start, retired, refused)
         if self.reasons is not None:
             self._add_reasons(sample)
-        sample.duration_s = self._mono() - start
+            sample.duration_s = self._mono() - start
         return sample
 
     def _add_reasons(self, sample: Sample) -> None:
