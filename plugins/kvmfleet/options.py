@@ -94,6 +94,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("PerVCPU", "bool", False, "per-vCPU values: measurement `kvm_vcpu` in InfluxDB; they are **not** "
            "dispatched into collectd, so without `InfluxURL` this has no effect (a warning says so)",
            "per_vcpu", role_var=_role("per_vcpu")),
+    Option("ExitReasons", "choice", "off", "exits by reason from the `kvm:kvm_exit` and `kvm:kvm_userspace_exit` "
+           "tracepoints (measurement `kvm_exit_reason`, collectd plugin `kvm_exit_reason`): `host` host-wide, `vm` "
+           "host-wide and per VM, `off` none ([exit-reasons.md](exit-reasons.md): how they are counted, what it "
+           "costs, what the host needs)", "exit_reasons", choices=("off", "host", "vm"),
+           role_var=_role("exit_reasons")),
+    Option("ExitReasonsMaxFds", "count", 4096, "most file descriptors the exit reasons source may hold (perf "
+           "events, BPF maps and programs); past it, per-VM counting is left off for the VMs that do not fit (said "
+           "once in the log)", "exit_reasons_max_fds", role_var=_role("exit_reasons_max_fds")),
     Option("Include", "regex", (), "only counters whose name matches one of them (Python `re.search`: `\"^halt_\"`, "
            "`\"exits$\"`); applies to fields and dispatched values, a histogram by its own name",
            "include", repeat=True, role_var=_role("include"), shown_default="none (all)"),
@@ -182,6 +190,8 @@ class AgentConfig:
     libvirt_uri: str = DEFAULTS["LibvirtURI"]
     per_vm: bool = DEFAULTS["PerVM"]
     per_vcpu: bool = DEFAULTS["PerVCPU"]
+    exit_reasons: str = DEFAULTS["ExitReasons"]
+    exit_reasons_max_fds: int = DEFAULTS["ExitReasonsMaxFds"]
     include: tuple[re.Pattern[str], ...] = DEFAULTS["Include"]
     exclude: tuple[re.Pattern[str], ...] = DEFAULTS["Exclude"]
     tags: dict[str, str] = field(default_factory=_default_factory("Tag"))
@@ -200,7 +210,8 @@ class AgentConfig:
     def summary(self) -> str:
         """One line for the log (no secret: files are named, never read out)."""
         parts = [f"source {self.source}", f"per-VM {_onoff(self.per_vm)}", f"per-vCPU {_onoff(self.per_vcpu)}",
-                 f"dispatch {_onoff(self.dispatch)}", f"histograms {_onoff(self.histograms)}"]
+                 f"dispatch {_onoff(self.dispatch)}", f"histograms {_onoff(self.histograms)}",
+                 f"exit reasons {self.exit_reasons}"]
         if self.libvirt_uri != DEFAULT_URI:
             parts.append(f"libvirt {self.libvirt_uri}")
         if self.include or self.exclude:

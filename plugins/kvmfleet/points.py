@@ -13,7 +13,7 @@ from typing import Any, Callable, Protocol
 from . import schema
 from .collector import HostStats, Sample, VMSample
 from .facts import UNKNOWN, HostFacts
-from .model import StatDesc, Stats, StatType, VMKey
+from .model import ReasonCounts, StatDesc, Stats, StatType, VMKey
 from .options import AgentConfig
 from .ship.lineproto import encode_fields, escape_key, int_fields_template, series_prefix
 from .statblock import MergedStats, StatBlock, scalar_items
@@ -21,6 +21,8 @@ from .tdp import TDP_ENABLED, TDP_UNKNOWN
 
 PLUGIN_NAME = "kvm"  # collectd plugin name of the KVM values
 AGENT_PLUGIN_NAME = "kvmfleet"  # collectd plugin name of the agent's own metrics
+REASON_PLUGIN_NAME = "kvm_exit_reason"  # collectd plugin name of the exits by reason (type_instance: the reason)
+_REASON_PREFIXES_MAX = 65536  # cached kvm_exit_reason prefixes before the cache starts again (VMs come and go)
 
 # collectd's DATA_MAX_NAME_LEN is 128 bytes with the NUL; keep room for "-vcpuNNN".
 _MAX_INSTANCE_BYTES = 110
@@ -124,6 +126,7 @@ class PointBuilder:
         self._bucket_key_cache: dict[tuple[str, int], tuple[str, ...]] = {}
         self._series: dict[VMKey, _Series] = {}
         self._facts_text = ""
+        self._reason_prefixes: dict[tuple[str, str, str], str] = {}  # (vm or "", isa, reason) -> line prefix
 
     # -- filters and keys
     def keeps(self, name: str) -> bool:
@@ -263,12 +266,17 @@ class PointBuilder:
         cfg = self.config
         em = _Emission(str(sample.time_ns), sample.time_ns / 1e9, sink, [] if lines else None)
         self._emit(em, self.host_prefix, "", sample.host, sample.host_descs)
-        if cfg.per_vm or cfg.per_vcpu:
+        if sample.exit_reasons:
+            self._emit_reasons(em, "", "", sample.exit_reasons, sample.reason_isa)
+        if cfg.per_vm or cfg.per_vcpu or any(vm.exit_reasons for vm in sample.vms):
             live: dict[VMKey, _Series] = {}
             for vm, name in zip(sample.vms, self.display_names(sample.vms)):
                 series = live[vm.identity.key] = self._series_for(vm, name)
                 if cfg.per_vm:
                     self._emit(em, series.prefix, series.instance, vm.stats, vm.descs)
+                if vm.exit_reasons:
+                    self._emit_reasons(em, name, series.instance if cfg.per_vm else None, vm.exit_reasons,
+                                       sample.reason_isa)
                 if cfg.per_vcpu and lines:  # per-vCPU values are shipped, never dispatched (docs/plugin.md)
                     for vcpu in sorted(vm.vcpus):
                         self._emit(em, self._vcpu_prefix(series, vcpu), None, vm.vcpus[vcpu], vm.descs)
@@ -285,6 +293,32 @@ class PointBuilder:
                 em.lines.append(f"{prefix} {body} {em.ts_text}")
         if em.sink is not None and instance is not None and plan.names:
             em.dispatched += em.sink(PLUGIN_NAME, instance, em.time_s, plan.types, plan.names, values)
+
+    def _emit_reasons(self, em: _Emission, vm: str, instance: str | None, counts: ReasonCounts,
+                      isa: Mapping[str, str]) -> None:
+        """One ``kvm_exit_reason`` line per reason seen (host-wide: ``vm`` ""), and the counts dispatched as
+        derives of plugin ``kvm_exit_reason`` (unless ``instance`` is None)."""
+        for by_reason in counts.values():
+            names = sorted(by_reason)
+            if em.lines is not None:
+                for reason in names:
+                    em.lines.append(f"{self._reason_prefix(vm, isa.get(reason, 'unknown'), reason)} "
+                                    f"{schema.F_COUNT}={by_reason[reason]}i {em.ts_text}")
+            if em.sink is not None and instance is not None and names:
+                em.dispatched += em.sink(REASON_PLUGIN_NAME, instance, em.time_s, ("derive",) * len(names), names,
+                                         [by_reason[reason] for reason in names])
+
+    def _reason_prefix(self, vm: str, isa: str, reason: str) -> str:
+        key = (vm, isa, reason)
+        prefix = self._reason_prefixes.get(key)
+        if prefix is None:
+            if len(self._reason_prefixes) >= _REASON_PREFIXES_MAX:
+                self._reason_prefixes.clear()
+            tags = {**self.base_tags, schema.T_ISA: isa, schema.T_REASON: reason}
+            if vm:
+                tags[schema.T_VM] = vm
+            prefix = self._reason_prefixes[key] = series_prefix(schema.M_EXIT_REASON, tags)
+        return prefix
 
     def set_facts(self, facts: HostFacts) -> None:
         """Pre-encode the fields of ``kvm_host`` that only change when the facts are read again."""

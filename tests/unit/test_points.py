@@ -166,3 +166,80 @@ def test_unknown_capacity_facts_are_left_out() -> None:
     assert written["halt_poll_ns"] == "0i"
     assert not {"cpus_online", "mem_total_bytes", "halt_poll_ns_grow", "nx_huge_pages", "kernel_release"} & set(
         written)
+
+
+# -- exits by reason ------------------------------------------------------------------------------------------------
+class FakeReasons:
+    """A reasons source with fixed counts: host-wide, and per VM for the VMs keyed by pid in ``per_pid``."""
+
+    def __init__(self, host: Any, per_pid: Any) -> None:
+        self.host, self.per_pid, self.asked, self.closed = host, per_pid, [], False
+
+    def read(self, vms: Any) -> Any:
+        from kvmfleet.model import ExitReasonReading
+
+        self.asked.append(list(vms))
+        isa = {"HLT": "vmx", "npf": "svm", "PF excp": "svm", "KVM_EXIT_HLT": "userspace", "KVM_EXIT_IO": "userspace"}
+        return ExitReasonReading(self.host, {key: self.per_pid[key.pid] for key in vms if key.pid in self.per_pid},
+                                 isa)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def reasons_sample(**kw: Any) -> Any:
+    from kvmfleet.collector import Collector
+    from tests.unit.agentdata import ListSource
+
+    host = {"kvm_exit": {"HLT": 7, "PF excp": 2}, "kvm_userspace_exit": {"KVM_EXIT_HLT": 1000, "KVM_EXIT_IO": 2}}
+    fake = FakeReasons(host, {11: {"kvm_userspace_exit": {"KVM_EXIT_HLT": 600}}})
+    collector = Collector(ListSource([reading(11, "web"), reading(12, "db")]), wall_clock=lambda: 5, reasons=fake)
+    sample = collector.sample()
+    collector.close()
+    assert fake.closed and [k.pid for k in fake.asked[0]] == [11, 12]
+    return sample
+
+
+def test_reason_lines_host_wide_and_per_vm_only_for_reasons_seen() -> None:
+    s = reasons_sample()
+    assert s.exit_reasons["kvm_userspace_exit"]["KVM_EXIT_HLT"] == 1000
+    assert s.vms[0].exit_reasons == {"kvm_userspace_exit": {"KVM_EXIT_HLT": 600}} and s.vms[1].exit_reasons is None
+    lines = [parse_line(t) for t in builder(tags={"dc": "eu"}).build(s).lines]
+    reasons = [(p[1], p[2]) for p in lines if p[0] == "kvm_exit_reason"]
+    assert reasons == [
+        ({"host": r"hv\ 1", "dc": "eu", "isa": "vmx", "reason": "HLT"}, {"count": "7i"}),
+        ({"host": r"hv\ 1", "dc": "eu", "isa": "svm", "reason": r"PF\ excp"}, {"count": "2i"}),
+        ({"host": r"hv\ 1", "dc": "eu", "isa": "userspace", "reason": "KVM_EXIT_HLT"}, {"count": "1000i"}),
+        ({"host": r"hv\ 1", "dc": "eu", "isa": "userspace", "reason": "KVM_EXIT_IO"}, {"count": "2i"}),
+        ({"host": r"hv\ 1", "dc": "eu", "isa": "userspace", "reason": "KVM_EXIT_HLT", "vm": "web"},
+         {"count": "600i"}),
+    ]
+    assert all(p[3] == 5 for p in lines)
+
+
+def test_reason_lines_equal_influxdb_client_points() -> None:
+    from influxdb_client import Point
+
+    s = reasons_sample()
+    ours = [t for t in builder().build(s).lines if t.startswith("kvm_exit_reason")]
+    point = Point("kvm_exit_reason").tag("host", "hv 1").tag("isa", "svm").tag("reason", "PF excp")
+    assert ours[1] == point.field("count", 2).time(5).to_line_protocol()
+
+
+def test_reasons_dispatched_as_derives_of_their_own_plugin() -> None:
+    calls: list[tuple[Any, ...]] = []
+
+    def sink(plugin: str, pi: str, t: float, types: Any, names: Any, values: Any) -> int:
+        if plugin == pt.REASON_PLUGIN_NAME:
+            calls.append((pi, tuple(types), tuple(names), tuple(values)))
+        return len(values)
+
+    builder().build(reasons_sample(), lines=False, sink=sink)
+    assert calls == [
+        ("", ("derive", "derive"), ("HLT", "PF excp"), (7, 2)),
+        ("", ("derive", "derive"), ("KVM_EXIT_HLT", "KVM_EXIT_IO"), (1000, 2)),
+        ("web", ("derive",), ("KVM_EXIT_HLT",), (600,)),
+    ]
+    calls.clear()
+    builder(per_vm=False).build(reasons_sample(), lines=False, sink=sink)
+    assert [c[0] for c in calls] == ["", ""]  # per-VM reasons still shipped, but not dispatched without PerVM
