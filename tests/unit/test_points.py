@@ -7,6 +7,7 @@ from typing import Any
 
 from tests.support.refpoints import client_lines
 from tests.unit.agentdata import (
+    ListSource,
     dict_reading,
     entries,
     parse_line,
@@ -15,7 +16,9 @@ from tests.unit.agentdata import (
 )
 
 from kvmfleet import points as pt
+from kvmfleet.collector import Collector
 from kvmfleet.facts import HostFacts
+from kvmfleet.model import ExitReasonReading
 from kvmfleet.options import AgentConfig, parse_config
 from kvmfleet.points import PointBuilder
 
@@ -176,8 +179,6 @@ class FakeReasons:
         self.host, self.per_pid, self.asked, self.closed = host, per_pid, [], False
 
     def read(self, vms: Any) -> Any:
-        from kvmfleet.model import ExitReasonReading
-
         self.asked.append(list(vms))
         isa = {"HLT": "vmx", "npf": "svm", "PF excp": "svm", "KVM_EXIT_HLT": "userspace", "KVM_EXIT_IO": "userspace"}
         return ExitReasonReading(self.host, {key: self.per_pid[key.pid] for key in vms if key.pid in self.per_pid},
@@ -188,9 +189,6 @@ class FakeReasons:
 
 
 def reasons_sample(**kw: Any) -> Any:
-    from kvmfleet.collector import Collector
-    from tests.unit.agentdata import ListSource
-
     host = {"kvm_exit": {"HLT": 7, "PF excp": 2}, "kvm_userspace_exit": {"KVM_EXIT_HLT": 1000, "KVM_EXIT_IO": 2}}
     fake = FakeReasons(host, {11: {"kvm_userspace_exit": {"KVM_EXIT_HLT": 600}}})
     collector = Collector(ListSource([reading(11, "web"), reading(12, "db")]), wall_clock=lambda: 5, reasons=fake)
