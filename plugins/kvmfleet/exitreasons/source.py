@@ -176,8 +176,9 @@ class ExitReasonSource:
         return reading
 
     def _attributable(self, vms: Sequence[VMKey]) -> dict[int, VMKey]:
-        """The pid of each VM that per-VM counts can be given to: its VMKey still names the running process,
-        and that process holds no other VM of ``vms``."""
+        """The pid of each VM that per-VM counts can be given to: its VMKey still names the process of that pid
+        (or the process is gone: the counts of a VMM that exited stay readable while it is asked about), and that
+        process holds no other VM of ``vms``."""
         keys_by_pid: dict[int, set[VMKey]] = {}
         for key in vms:
             keys_by_pid.setdefault(key.pid, set()).add(key)
@@ -192,7 +193,7 @@ class ExitReasonSource:
                 started = procfs.start_time(pid)
             except OSError:
                 started = None
-            if started == key.start_time:
+            if started in (None, key.start_time):  # gone: the counts its events kept, if any
                 by_pid[pid] = key
         return by_pid
 
