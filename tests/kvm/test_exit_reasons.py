@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -243,3 +244,33 @@ def test_collector_fills_samples(tmp_path):
             assert userspace(sample.exit_reasons)["KVM_EXIT_HLT"] >= 500
             assert sample.reason_isa["KVM_EXIT_HLT"] == "userspace"
         assert source.fds() == 0  # the collector closed it
+
+
+def test_rlimit_soft_limit_is_raised_up_to_the_hard_one():
+    # 256 fds do not hold the host-wide events (206 reasons x CPUs on PVM): kvm_stat's way, the soft limit is raised.
+    code = ("import resource; from kvmfleet.exitreasons import ExitReasonSource\n"
+            "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
+            "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"
+            "s = ExitReasonSource(mechanism='perf-count'); print(s.usability().usable, s.fds() > 256,"
+            " 256 < resource.getrlimit(resource.RLIMIT_NOFILE)[0] <= hard)\n"
+            "s.close(); resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))\n"
+            "t = ExitReasonSource(mechanism='perf-count'); print(t.usability().reason)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stderr
+    first, second = done.stdout.splitlines()
+    assert first == "True True True"
+    assert "perf fds, more than RLIMIT_NOFILE's hard limit allows" in second
+
+
+@pytest.mark.skipif("bpf" not in MECHANISMS, reason="the bpf mechanism is not on this branch")
+def test_bpf_does_not_blind_other_perf_users():
+    # A BPF program attached to a tracepoint through perf decides, by its return value, whether the hit goes on to
+    # the tracepoint's perf events (kernel/trace/trace_event_perf.c, perf_trace_run_bpf_submit): returning 0 would
+    # hide every hit from kvm_stat, perf and perf-count while kvmfleet runs.
+    with ExitReasonSource(mechanism="bpf") as bpf, ExitReasonSource(mechanism="perf-count") as perf, \
+            launch("xr-both", vcpus=1, workload="halt", loops=300) as guest:
+        guest.wait_ready(60)
+        assert bpf.mechanism_name == "bpf" and perf.mechanism_name == "perf-count"
+        assert userspace(perf.read([]).host).get("KVM_EXIT_HLT", 0) >= 300
+        assert userspace(bpf.read([]).host).get("KVM_EXIT_HLT", 0) >= 300
