@@ -165,7 +165,9 @@ def test_one_vmm_with_two_vm_keys_gets_no_per_vm_counts(mechanism):
         key = vm_key(guest)
         reading = source.read([VMKey(key.pid, key.start_time, 4), VMKey(key.pid, key.start_time, 9)])
         assert reading.vms == {}
-        assert source.read([key]).vms == {key: {}}  # one key: attributable (nothing since first asked)
+        # One key: attributable. Its counts start when first asked (perf-count: none, the guest is done) or when
+        # the counter opened (bpf: the whole run), by mechanism (ExitCounter.read).
+        assert list(source.read([key]).vms) == [key]
 
 
 def test_fds_back_to_baseline_after_vm_exit_and_close(tmp_path):
