@@ -15,6 +15,7 @@ import importlib
 import logging
 import os
 import re
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -165,7 +166,7 @@ class ExitReasonSource:
         by_pid = self._attributable(vms) if self.per_vm else {}
         try:
             host, per_pid = self._counter.read(list(by_pid))
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, struct.error) as err:  # struct.error: a short read of a count
             self._fail(f"exit reasons stopped: {self.mechanism_name} failed ({err})")
             return ExitReasonReading()
         reading = ExitReasonReading()
