@@ -105,8 +105,8 @@ def counted_reasons(formats: dict[str, TracepointFormat], isa: int | None) -> li
 
 
 class ExitReasonSource:
-    """Exits by reason, host-wide and (``per_vm``) per VM; see the module docstring. Construction never raises:
-    :meth:`usability` says whether it counts and why not."""
+    """Exits by reason, host-wide and (``per_vm``) per VM; see the module docstring. Construction raises only
+    on an unknown ``mechanism`` (ValueError, a config error); otherwise :meth:`usability` says whether it counts."""
 
     def __init__(self, *, per_vm: bool = False, mechanism: str = "auto", max_fds: int = 4096,
                  say: SayOnce | None = None, root: str | None = None) -> None:
