@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import importlib
+import inspect
 import logging
 import os
 import re
@@ -134,7 +135,9 @@ class ExitReasonSource:
                                            for path, field_name in TRACEPOINTS]
             try:
                 bpf: Any = importlib.import_module(".bpf", __package__)
-                counter: ExitCounter = bpf.BpfExitCounter(specs, per_process=self.per_vm)
+                takes_say = "say" in inspect.signature(bpf.BpfExitCounter).parameters  # lost hits said once
+                counter: ExitCounter = bpf.BpfExitCounter(specs, per_process=self.per_vm,
+                                                          **({"say": self._say} if takes_say else {}))
                 return counter
             except (ImportError, OSError) as err:
                 if mechanism == "bpf":
