@@ -240,8 +240,9 @@ def probe(root: str | None = None, *, fs_root: str = "/") -> Usability:
     live = os.path.abspath(fs_root) == "/"
     lockdown = re.search(r"\[(\w+)\]", _read_text(path(LOCKDOWN_FILE)) or "")
     if lockdown and lockdown.group(1) == "confidentiality":
-        return Usability(False, "kernel lockdown is 'confidentiality': it locks tracefs and perf's tracepoints "
-                                "(boot with lockdown=integrity or none to count exit reasons)")
+        return Usability(False, "kernel lockdown is 'confidentiality': it locks tracefs, where the tracepoints' "
+                                "ids and reason names are read (boot with lockdown=integrity or none to count exit "
+                                "reasons)")
     if root is None:
         candidates = [path("sys/kernel/tracing"), path("sys/kernel/debug/tracing")]
         root = next((c for c in candidates if os.path.isdir(os.path.join(c, "events"))), None)
