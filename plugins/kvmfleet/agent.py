@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from . import schema
 from .collector import Collector
+from .exitreasons import ExitReasonSource
 from .facts import HostFacts, gather
 from .logsay import SayOnce
 from .options import AgentConfig
@@ -79,7 +80,7 @@ class Agent:
         self.sink = sink if cfg.dispatch else None
         self.collector = Collector(source if source is not None else make_source(cfg.source, say=self.say,
                                                                                    libvirt_uri=cfg.libvirt_uri),
-                                   say=self.say)
+                                   say=self.say, reasons=self._open_reasons())
         if cfg.ship is not None:
             writer = self.writer if self.writer is not None else make_writer(cfg.ship)
             self.writer = writer
@@ -88,6 +89,23 @@ class Agent:
                                    retry_max=cfg.ship.retry_max)
             self.shipper.start()
         self._refresh_facts()
+
+    def _open_reasons(self) -> ExitReasonSource | None:
+        """The exit reasons source when ``ExitReasons`` asks for it. One that cannot count here is said once and
+        kept: the counters are read as usual and the samples carry no reasons."""
+        cfg = self.config
+        if cfg.exit_reasons == "off":
+            return None
+        reasons = ExitReasonSource(per_vm=cfg.exit_reasons == "vm", max_fds=cfg.exit_reasons_max_fds, say=self.say)
+        state = reasons.usability()
+        if state:
+            where = "host-wide and per VM" if cfg.exit_reasons == "vm" else "host-wide"
+            log.info("kvmfleet: exit reasons: counting %s with %s (%d fds)", where, reasons.mechanism_name,
+                     reasons.fds())
+        else:
+            self.say("exit-reasons", f"kvmfleet: exit reasons cannot be counted here: {state.reason}",
+                     logging.WARNING)
+        return reasons
 
     def _refresh_facts(self) -> None:
         now = self._clock()

@@ -147,3 +147,71 @@ def test_agent_ships_this_hosts_capacity_facts_in_kvm_host(tmp_path: Path) -> No
 def test_vm_sample_of_helper_is_consistent() -> None:
     vm = vm_sample(reading(3, "x"))
     assert vm.stats["halt_exits"] == 20 and len(vm.parts) == 2
+
+
+# -- exits by reason ----------------------------------------------------------------------------------------------
+class FakeReasonSource:
+    """Stands in for ExitReasonSource: fixed host-wide counts, usable or not."""
+
+    made: list[FakeReasonSource] = []
+
+    def __init__(self, *, per_vm: bool, max_fds: int, say: Any, usable: bool = True) -> None:
+        from kvmfleet.model import Usability
+
+        self.per_vm, self.max_fds, self.closed = per_vm, max_fds, False
+        self.state = Usability(True) if usable else Usability(False, "lockdown confidentiality: tracefs is locked")
+        self.mechanism_name = "fake"
+        FakeReasonSource.made.append(self)
+
+    def usability(self) -> Any:
+        return self.state
+
+    def fds(self) -> int:
+        return 3
+
+    def read(self, vms: Any) -> Any:
+        from kvmfleet.model import ExitReasonReading
+
+        if not self.state:
+            return ExitReasonReading()
+        return ExitReasonReading({"kvm_userspace_exit": {"KVM_EXIT_HLT": 42}}, {}, {"KVM_EXIT_HLT": "userspace"})
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize("usable", [True, False])
+def test_exit_reasons_option_opens_the_source_ships_its_counts_and_closes_it(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, usable: bool) -> None:
+    import kvmfleet.agent as agent_module
+
+    FakeReasonSource.made.clear()
+    monkeypatch.setattr(agent_module, "ExitReasonSource",
+                        lambda **kw: FakeReasonSource(**kw, usable=usable))
+    cfg = parse_config(entries(("ExitReasons", "vm"), ("ExitReasonsMaxFds", 512), ("InfluxURL", "http://127.0.0.1:9"),
+                               ("Database", "kvm"), ("SpoolPath", "")))
+    writer = ListWriter()
+    agent = Agent(cfg, writer)
+    caplog.set_level(logging.INFO, logger="kvmfleet")
+    agent.start("hv1", source=ListSource([reading(11, "a")]))
+    agent.read()
+    agent.stop(timeout=0.5)
+    (made,) = FakeReasonSource.made
+    assert (made.per_vm, made.max_fds, made.closed) == (True, 512, True)
+    reason_lines = [parse_line(t) for t in writer.lines if t.startswith("kvm_exit_reason")]
+    if usable:
+        assert [(p[1]["reason"], p[2]["count"]) for p in reason_lines] == [("KVM_EXIT_HLT", "42i")]
+        assert "exit reasons: counting host-wide and per VM with fake (3 fds)" in caplog.text
+    else:
+        assert reason_lines == []
+        assert "exit reasons cannot be counted here: lockdown confidentiality: tracefs is locked" in caplog.text
+
+
+def test_exit_reasons_off_opens_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvmfleet.agent as agent_module
+
+    monkeypatch.setattr(agent_module, "ExitReasonSource", lambda **kw: pytest.fail("opened with ExitReasons off"))
+    agent = Agent(AgentConfig())
+    agent.start("hv1", source=ListSource([reading(11, "a")]))
+    assert agent.collector is not None and agent.collector.reasons is None
+    agent.stop()

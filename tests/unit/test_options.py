@@ -68,6 +68,9 @@ def test_keys_are_case_insensitive_and_values_lenient(tmp_path: Path) -> None:
     (("Tag", "host", "x"), ['option Tag "host" "x"', "a tag key other than host, vm, vm_uuid, vmm, vcpu"]),
     (("Tag", "a", ""), ['option Tag "a" ""', "neither empty"]),
     (("Interval", 0.0), ["option Interval 0", "> 0"]),
+    (("ExitReasons", "yes"), ['option ExitReasons "yes"', 'one of "off", "host", "vm"']),
+    (("ExitReasonsMaxFds", 0.5), ["option ExitReasonsMaxFds 0.5", "a whole number >= 1"]),
+    (("Tag", "reason", "x"), ['option Tag "reason" "x"', "vcpu, isa, reason, time"]),
 ])
 def test_each_mistake_names_option_value_and_expectation(line: tuple[Any, ...], needles: list[str]) -> None:
     found = problems(line)
