@@ -96,7 +96,8 @@ class Agent:
         cfg = self.config
         if cfg.exit_reasons == "off":
             return None
-        reasons = ExitReasonSource(per_vm=cfg.exit_reasons == "vm", max_fds=cfg.exit_reasons_max_fds, say=self.say)
+        reasons = ExitReasonSource(per_vm=cfg.exit_reasons == "vm", mechanism=cfg.exit_reasons_mechanism,
+                                   max_fds=cfg.exit_reasons_max_fds, say=self.say)
         state = reasons.usability()
         if state:
             where = "host-wide and per VM" if cfg.exit_reasons == "vm" else "host-wide"

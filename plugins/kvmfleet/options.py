@@ -99,6 +99,11 @@ OPTIONS: tuple[Option, ...] = (
            "host-wide and per VM, `off` none ([exit-reasons.md](exit-reasons.md): how they are counted, what it "
            "costs, what the host needs)", "exit_reasons", choices=("off", "host", "vm"),
            role_var=_role("exit_reasons")),
+    Option("ExitReasonsMechanism", "choice", "auto", "how exits are counted by reason: `bpf` (a tiny BPF program "
+           "per tracepoint adds each hit to a map in the kernel), `perf-count` (kvm_stat's filtered perf counters: "
+           "one fd per reason and CPU, and per reason and thread of each VM), `auto` bpf where it loads, else "
+           "perf-count", "exit_reasons_mechanism", choices=("auto", "bpf", "perf-count"),
+           role_var=_role("exit_reasons_mechanism")),
     Option("ExitReasonsMaxFds", "count", 4096, "most file descriptors the exit reasons source may hold (perf "
            "events, BPF maps and programs); past it, per-VM counting is left off for the VMs that do not fit (said "
            "once in the log)", "exit_reasons_max_fds", role_var=_role("exit_reasons_max_fds")),
@@ -191,6 +196,7 @@ class AgentConfig:
     per_vm: bool = DEFAULTS["PerVM"]
     per_vcpu: bool = DEFAULTS["PerVCPU"]
     exit_reasons: str = DEFAULTS["ExitReasons"]
+    exit_reasons_mechanism: str = DEFAULTS["ExitReasonsMechanism"]
     exit_reasons_max_fds: int = DEFAULTS["ExitReasonsMaxFds"]
     include: tuple[re.Pattern[str], ...] = DEFAULTS["Include"]
     exclude: tuple[re.Pattern[str], ...] = DEFAULTS["Exclude"]

@@ -155,10 +155,10 @@ class FakeReasonSource:
 
     made: list[FakeReasonSource] = []
 
-    def __init__(self, *, per_vm: bool, max_fds: int, say: Any, usable: bool = True) -> None:
+    def __init__(self, *, per_vm: bool, mechanism: str, max_fds: int, say: Any, usable: bool = True) -> None:
         from kvmfleet.model import Usability
 
-        self.per_vm, self.max_fds, self.closed = per_vm, max_fds, False
+        self.per_vm, self.mechanism, self.max_fds, self.closed = per_vm, mechanism, max_fds, False
         self.state = Usability(True) if usable else Usability(False, "lockdown confidentiality: tracefs is locked")
         self.mechanism_name = "fake"
         FakeReasonSource.made.append(self)
@@ -188,7 +188,8 @@ def test_exit_reasons_option_opens_the_source_ships_its_counts_and_closes_it(
     FakeReasonSource.made.clear()
     monkeypatch.setattr(agent_module, "ExitReasonSource",
                         lambda **kw: FakeReasonSource(**kw, usable=usable))
-    cfg = parse_config(entries(("ExitReasons", "vm"), ("ExitReasonsMaxFds", 512), ("InfluxURL", "http://127.0.0.1:9"),
+    cfg = parse_config(entries(("ExitReasons", "vm"), ("ExitReasonsMaxFds", 512),
+                               ("ExitReasonsMechanism", "perf-count"), ("InfluxURL", "http://127.0.0.1:9"),
                                ("Database", "kvm"), ("SpoolPath", "")))
     writer = ListWriter()
     agent = Agent(cfg, writer)
@@ -197,7 +198,7 @@ def test_exit_reasons_option_opens_the_source_ships_its_counts_and_closes_it(
     agent.read()
     agent.stop(timeout=0.5)
     (made,) = FakeReasonSource.made
-    assert (made.per_vm, made.max_fds, made.closed) == (True, 512, True)
+    assert (made.per_vm, made.mechanism, made.max_fds, made.closed) == (True, "perf-count", 512, True)
     reason_lines = [parse_line(t) for t in writer.lines if t.startswith("kvm_exit_reason")]
     if usable:
         assert [(p[1]["reason"], p[2]["count"]) for p in reason_lines] == [("KVM_EXIT_HLT", "42i")]
