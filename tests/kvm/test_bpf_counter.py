@@ -1,9 +1,8 @@
 """The BPF exit-reason counter on real guests: exact counts by reason host-wide and per VMM, dead VMMs folded.
 
-``kvm:kvm_userspace_exit`` fires once per return of KVM_RUN to the VMM. A guestvmm vCPU returns once per loop
-(``hlt`` -> KVM_EXIT_HLT 5, MMIO store -> KVM_EXIT_MMIO 6, ``out`` -> KVM_EXIT_IO 2) and once more for its
-done ``out`` (KVM_EXIT_IO), then never enters KVM_RUN again, so stopping the VMM adds no KVM_EXIT_INTR:
-N loops on M vCPUs give exactly N*M of the workload's reason plus M KVM_EXIT_IO (pio: (N+1)*M KVM_EXIT_IO).
+``kvm:kvm_userspace_exit`` fires once per return of KVM_RUN to the VMM: N loops on M vCPUs give exactly N*M of
+the workload's reason (``hlt`` KVM_EXIT_HLT 5, MMIO store KVM_EXIT_MMIO 6, ``out`` KVM_EXIT_IO 2) plus M
+KVM_EXIT_IO for the done ``out``, and no KVM_EXIT_INTR when the VMM stops (guests.expected_userspace_exits).
 
 Other processes on the host (other tests' guests) hit the same tracepoint. Per-process counts are exact
 whatever they do. Host-wide counts are checked against a per-process *witness* counter opened before the
@@ -27,12 +26,12 @@ from kvmfleet.exitreasons import bpf, tracefmt
 from kvmfleet.exitreasons.bpf import BpfExitCounter
 from kvmfleet.exitreasons.counter import Counts, TracepointSpec
 from kvmfleet.guestvmm import detect_backend, launch
+from kvmfleet.guestvmm.guests import expected_userspace_exits
 
-KVM_EXIT_IO, KVM_EXIT_HLT, KVM_EXIT_MMIO = 2, 5, 6
+KVM_EXIT_IO = 2
 BPF_MAP_UPDATE_ELEM = 2
 TP = "kvm_userspace_exit"
 T = TypeVar("T")
-WORKLOAD_REASON = {"halt": KVM_EXIT_HLT, "mmio": KVM_EXIT_MMIO, "pio": KVM_EXIT_IO}
 
 
 def userspace_exit_spec() -> TracepointSpec:
@@ -44,11 +43,9 @@ def kvm_exit_spec() -> TracepointSpec:
 
 
 def expected(workload: str, loops: int, vcpus: int) -> Counts:
-    """The exact userspace exits of a guestvmm run (see the module docstring)."""
-    counts: Counter[tuple[str, int, int]] = Counter()
-    counts[(TP, 0, WORKLOAD_REASON[workload])] += loops * vcpus
-    counts[(TP, 0, KVM_EXIT_IO)] += vcpus  # the done out
-    return dict(counts)
+    """The exact userspace exits of a guestvmm run (guests.expected_userspace_exits), coded by the format file."""
+    codes = {name: code for code, name in tracefmt.read_format("kvm/kvm_userspace_exit").tables[None].items()}
+    return {(TP, 0, codes[name]): n for name, n in expected_userspace_exits(workload, loops, vcpus).items()}
 
 
 def add(*counts: Counts) -> Counts:
