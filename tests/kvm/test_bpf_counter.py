@@ -263,3 +263,20 @@ def test_many_keys_read_in_several_batches_and_per_cpu_slots_summed():
         mine = lambda entries: sorted(e for e in entries if bpf.KEY.unpack(e[0])[0] == me)  # noqa: E731
         assert len(mine(counter._entries_batch())) == 600
         assert mine(counter._entries_batch()) == mine(counter._entries_one_by_one())
+
+
+def test_every_program_run_is_counted_and_none_missed(witness):
+    # With the kernel's run statistics on, the program's run count is every hit since it was attached: in a
+    # window where nothing moves it equals the sum of the counts exactly.
+    stats_fd = bpf.enable_run_stats()
+    try:
+        counter, _ = open_after_quiet(witness, lambda: BpfExitCounter([userspace_exit_spec()], per_process=False))
+        with counter, launch("bpf-runs", vcpus=2, workload="pio", loops=400) as guest:
+            guest.wait_ready(60)
+            _, ((host, _), (runs, run_ns, missed)) = read_bracketed(
+                witness, lambda: (counter.read(), bpf.prog_run_stats(counter.prog_fds[0])))
+            assert sum(host.values()) == runs >= 401 * 2
+            assert run_ns > 0 and missed == 0
+            assert counter.missed() == {}
+    finally:
+        os.close(stats_fd)

@@ -47,7 +47,10 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_PROG_LOAD = 5
+BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_MAP_LOOKUP_BATCH = 24
+BPF_ENABLE_STATS = 32
+BPF_STATS_RUN_TIME = 0
 
 BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
@@ -317,6 +320,28 @@ def perf_event_open_tracepoint(event_id: int, cpu: int, name: str) -> int:
     return int(fd)
 
 
+# struct bpf_prog_info: where the run statistics sit (include/uapi/linux/bpf.h, stable since 5.1/5.12).
+_PROG_INFO_SIZE = 224
+_PROG_INFO_RUN_TIME_NS = 192
+_PROG_INFO_RUN_CNT = 200
+_PROG_INFO_RECURSION_MISSES = 208
+
+
+def enable_run_stats() -> int:
+    """BPF_ENABLE_STATS: the kernel times every BPF program run while the returned fd is open (close it)."""
+    return bpf(BPF_ENABLE_STATS, _attr(8, (0, "I", BPF_STATS_RUN_TIME)), "bpf(BPF_ENABLE_STATS)")
+
+
+def prog_run_stats(prog_fd: int) -> tuple[int, int, int]:
+    """(runs, ns spent running, runs skipped because another BPF program was running on that CPU) of a program;
+    runs and ns move only while :func:`enable_run_stats` holds its fd, the skipped runs always."""
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    attr = _attr(16, (0, "I", prog_fd), (4, "I", _PROG_INFO_SIZE), (8, "Q", _addr(info)))
+    bpf(BPF_OBJ_GET_INFO_BY_FD, attr, "bpf(BPF_OBJ_GET_INFO_BY_FD)")
+    return tuple(struct.unpack_from("<Q", info, offset)[0]
+                 for offset in (_PROG_INFO_RUN_CNT, _PROG_INFO_RUN_TIME_NS, _PROG_INFO_RECURSION_MISSES))
+
+
 def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
     """How many CPUs per-CPU map values hold slots for: the highest possible CPU + 1."""
     return max(_cpu_list(path)) + 1
@@ -543,6 +568,17 @@ class BpfExitCounter(ExitCounter):
             if count:
                 lost[spec.name] = lost.get(spec.name, 0) + count
         return lost
+
+    def missed(self) -> dict[str, int]:
+        """Hits not counted because another BPF program (kprobe, tracepoint: any tool's) was running on that CPU
+        when the tracepoint fired (the kernel does not nest them), by tracepoint name (only those with misses)."""
+        self._check_open()
+        missed: dict[str, int] = {}
+        for spec, prog_fd in zip(self.specs, self.prog_fds):
+            count = prog_run_stats(prog_fd)[2]
+            if count:
+                missed[spec.name] = missed.get(spec.name, 0) + count
+        return missed
 
     def _check_open(self) -> None:
         if self.counts_fd < 0:

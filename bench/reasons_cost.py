@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""What counting exits by reason costs: the guest's exit throughput with each mechanism against none, and a read.
+
+Guest-visible cost: one real guest (1 vCPU, ``halt`` forever: every ``hlt`` returns to the VMM, so each loop is
+one ``kvm:kvm_userspace_exit`` hit) runs the whole time; its exit rate (``halt_exits`` from its stats fd, over
+a WINDOW-second window) is measured with counting off, with the BPF mechanism (host-wide, and per VM), and with
+perf-count (kvm_stat's way: one filtered counting event per reason and CPU), both tracepoints counted as the
+source counts them. The modes alternate for ROUNDS rounds in a rotating order (the machine is shared: medians).
+
+Read cost: VMS guests (one VM per process, 1 vCPU, ``halt`` x 100 loops) are started with each mechanism
+counting per VM; one ``read(pids of the VMS guests)`` is timed (median of REPEAT after the first, which opens
+perf-count's per-thread events), and a host-wide read.
+
+Prints a table, then ``reasons_slowdown`` (throughput off / with the default mechanism, bpf host-wide),
+``reasons_sample_ms`` (one read of the default mechanism, per VM over VMS guests: its costlier configuration),
+and per-mechanism lines (``bpf_slowdown``, ``bpf_per_vm_slowdown``, ``perfcount_slowdown``, ``*_cost_ns_per_exit``
+= 1/rate_with - 1/rate_off, ``bpf_program_ns_per_hit`` (the program alone, timed by the kernel), ``*_read_ms``,
+``*_fds``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+from kvmfleet.collector import vm_sample
+from kvmfleet.exitreasons.bpf import BpfExitCounter, enable_run_stats, prog_run_stats
+from kvmfleet.exitreasons.counter import ExitCounter
+from kvmfleet.exitreasons.perfcount import PerfCountCounter
+from kvmfleet.exitreasons.source import TRACEPOINTS, counted_reasons, host_isa, read_formats
+from kvmfleet.guestvmm import launch
+from kvmfleet.sources import StatsfdSource
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests.support
+
+from tests.support.guestfleet import launch_fleet
+
+Factory = Callable[[bool], ExitCounter]  # per_process -> counter
+
+
+def factories() -> dict[str, Factory]:
+    formats = read_formats()
+    specs = [formats[path.rsplit("/", 1)[1]].spec(field) for path, field in TRACEPOINTS]
+    reasons = counted_reasons(formats, host_isa())
+    return {
+        "bpf": lambda per_process: BpfExitCounter(specs, per_process=per_process),
+        "perf-count": lambda per_process: PerfCountCounter(reasons, per_process=per_process),
+    }
+
+
+def exit_rates(window: float, rounds: int, settle: float) -> tuple[dict[str, list[float]], dict[str, int]]:
+    """Exits per second of one halt guest in each mode, ``rounds`` samples each; and each mode's fds."""
+    made = factories()
+    modes: dict[str, Factory | None] = {
+        "off": None,
+        "bpf": lambda _: made["bpf"](False),
+        "bpf per VM": lambda _: made["bpf"](True),
+        "perf-count": lambda _: made["perf-count"](False),
+    }
+    rates: dict[str, list[float]] = {mode: [] for mode in modes}
+    fds: dict[str, int] = {}
+    with launch("reasons-bench", vcpus=1, workload="halt", loops=0) as guest:
+        guest.wait_ready(60)
+        with StatsfdSource(only_pids={guest.pid}) as source:
+
+            def halts() -> int:
+                return int(vm_sample(source.read()[0]).stats["halt_exits"])
+
+            names = list(modes)
+            for r in range(rounds):
+                for mode in names[r % len(names):] + names[: r % len(names)]:
+                    factory = modes[mode]
+                    counter = factory(False) if factory is not None else None
+                    try:
+                        time.sleep(settle)
+                        start_n, start_t = halts(), time.perf_counter()
+                        time.sleep(window)
+                        end_n, end_t = halts(), time.perf_counter()
+                        if counter is not None:
+                            fds[mode] = counter.fds()
+                            host, _ = counter.read()
+                            hlt = host.get(("kvm_userspace_exit", 0, 5), 0)
+                            if hlt < end_n - start_n:  # the counter must have seen at least the guest's halts
+                                raise SystemExit(f"error: {mode} counted {hlt} halts, the guest made more")
+                    finally:
+                        if counter is not None:
+                            counter.close()
+                    rates[mode].append((end_n - start_n) / (end_t - start_t))
+    return rates, fds
+
+
+def bpf_program_ns(window: float) -> tuple[float, int]:
+    """(ns per run of the BPF program, runs) measured by the kernel (BPF_ENABLE_STATS) over ``window`` s while
+    the halt guest runs: the program alone, without the tracepoint's own cost (a separate phase: the timing
+    itself would slow the throughput rounds)."""
+    with launch("reasons-bench-prog", vcpus=1, workload="halt", loops=0) as guest:
+        guest.wait_ready(60)
+        stats_fd = enable_run_stats()
+        try:
+            formats = read_formats()
+            specs = [formats[path.rsplit("/", 1)[1]].spec(field) for path, field in TRACEPOINTS]
+            with BpfExitCounter(specs, per_process=False) as counter:
+                time.sleep(window)
+                runs = ns = 0
+                for prog_fd in counter.prog_fds:
+                    prog_runs, prog_ns, _ = prog_run_stats(prog_fd)
+                    runs, ns = runs + prog_runs, ns + prog_ns
+        finally:
+            os.close(stats_fd)
+    return ns / max(runs, 1), runs
+
+
+def read_costs(vms: int, repeat: int) -> dict[str, tuple[float, float, float, int]]:
+    """Per mechanism: (first per-VM read s, median per-VM read s, median host-wide read s, fds) over ``vms``
+    guests that each ran 100 halts on 1 vCPU, counted per VM from before they started."""
+    costs = {}
+    for mechanism, factory in factories().items():
+        counter = factory(True)
+        try:
+            with launch_fleet(vms, vcpus=1, workload="halt", loops=100, name_prefix="reasons-read") as fleet:
+                fleet.wait_ready(300)
+                pids = fleet.pids
+                start = time.perf_counter()
+                _, per_pid = counter.read(pids)
+                first = time.perf_counter() - start
+                runs = []
+                for _ in range(repeat):
+                    start = time.perf_counter()
+                    _, per_pid = counter.read(pids)
+                    runs.append(time.perf_counter() - start)
+                fds = counter.fds()
+                missing = [pid for pid in pids if per_pid.get(pid, {}).get(("kvm_userspace_exit", 0, 5)) != 100]
+                if mechanism == "bpf" and missing:  # perf-count counts from the first ask only
+                    raise SystemExit(f"error: {mechanism} did not count 100 halts for pids {missing}")
+        finally:
+            counter.close()
+        host_counter = factory(False)
+        try:
+            host_counter.read()
+            host_runs = []
+            for _ in range(repeat):
+                start = time.perf_counter()
+                host_counter.read()
+                host_runs.append(time.perf_counter() - start)
+        finally:
+            host_counter.close()
+        costs[mechanism] = (first, statistics.median(runs), statistics.median(host_runs), fds)
+    return costs
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--window", type=float, default=1.0, help="seconds per throughput sample")
+    parser.add_argument("--settle", type=float, default=0.2, help="seconds after a mode starts before measuring")
+    parser.add_argument("--vms", type=int, default=20)
+    parser.add_argument("--repeat", type=int, default=20)
+    args = parser.parse_args()
+
+    rates, fds = exit_rates(args.window, args.rounds, args.settle)
+    prog_ns, prog_runs = bpf_program_ns(args.window)
+    costs = read_costs(args.vms, args.repeat)
+
+    med = {mode: statistics.median(values) for mode, values in rates.items()}
+    off = med["off"]
+    print(f"one guest, 1 vCPU, halt forever; {args.rounds} rounds of {args.window:g} s per mode (medians; "
+          f"min-max across rounds)")
+    print(f"{'mode':<12} {'exits/s':>10} {'min-max':>19} {'slowdown':>9} {'ns/exit':>8} {'fds':>5}")
+    for mode, rate in med.items():
+        spread = f"{min(rates[mode]):.0f}-{max(rates[mode]):.0f}"
+        cost = (1 / rate - 1 / off) * 1e9
+        print(f"{mode:<12} {rate:>10.0f} {spread:>19} {off / rate:>9.3f} {cost:>8.0f} {fds.get(mode, 0):>5}")
+    print(f"bpf program alone (kernel run statistics): {prog_ns:.0f} ns per run over {prog_runs} runs")
+    print(f"\nread over {args.vms} guests (1 VM per process), median of {args.repeat} (first read apart)")
+    print(f"{'mechanism':<12} {'first ms':>9} {'per VM ms':>10} {'host ms':>8} {'fds per VM':>11}")
+    for mechanism, (first, per_vm, host, nfds) in costs.items():
+        print(f"{mechanism:<12} {first * 1e3:>9.3f} {per_vm * 1e3:>10.3f} {host * 1e3:>8.3f} {nfds:>11}")
+
+    def ns(mode: str) -> float:
+        return (1 / med[mode] - 1 / off) * 1e9
+
+    print(f"reasons_slowdown={off / med['bpf']:.3f}")
+    print(f"reasons_sample_ms={costs['bpf'][1] * 1e3:.3f}")
+    print(f"bpf_slowdown={off / med['bpf']:.3f}")
+    print(f"bpf_per_vm_slowdown={off / med['bpf per VM']:.3f}")
+    print(f"perfcount_slowdown={off / med['perf-count']:.3f}")
+    print(f"bpf_cost_ns_per_exit={ns('bpf'):.0f}")
+    print(f"bpf_per_vm_cost_ns_per_exit={ns('bpf per VM'):.0f}")
+    print(f"perfcount_cost_ns_per_exit={ns('perf-count'):.0f}")
+    print(f"bpf_program_ns_per_hit={prog_ns:.0f}")
+    print(f"off_exits_per_s={off:.0f}")
+    print(f"bpf_read_ms={costs['bpf'][1] * 1e3:.3f}")
+    print(f"bpf_host_read_ms={costs['bpf'][2] * 1e3:.3f}")
+    print(f"perfcount_read_ms={costs['perf-count'][1] * 1e3:.3f}")
+    print(f"perfcount_first_read_ms={costs['perf-count'][0] * 1e3:.3f}")
+    print(f"perfcount_host_read_ms={costs['perf-count'][2] * 1e3:.3f}")
+    print(f"bpf_fds={fds['bpf']}")
+    print(f"perfcount_fds={fds['perf-count']}")
+    print(f"perfcount_per_vm_fds={costs['perf-count'][3]}  (host-wide + per-thread events of {args.vms} VMs)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
