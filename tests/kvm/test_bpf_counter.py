@@ -24,7 +24,8 @@ import pytest
 
 from kvmfleet.exitreasons import bpf, tracefmt
 from kvmfleet.exitreasons.bpf import BpfExitCounter
-from kvmfleet.exitreasons.counter import Counts, TracepointSpec
+from kvmfleet.exitreasons.counter import Counts, ExitCounter, TracepointSpec
+from kvmfleet.exitreasons.perfcount import PerfCountCounter, reasons_to_count
 from kvmfleet.guestvmm import detect_backend, launch
 from kvmfleet.guestvmm.guests import expected_userspace_exits
 
@@ -32,6 +33,7 @@ KVM_EXIT_IO = 2
 BPF_MAP_UPDATE_ELEM = 2
 TP = "kvm_userspace_exit"
 T = TypeVar("T")
+C = TypeVar("C", bound=ExitCounter)
 
 
 def userspace_exit_spec() -> TracepointSpec:
@@ -63,7 +65,7 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def open_after_quiet(witness: BpfExitCounter, factory: Callable[[], BpfExitCounter]) -> tuple[BpfExitCounter, Counts]:
+def open_after_quiet(witness: BpfExitCounter, factory: Callable[[], C]) -> tuple[C, Counts]:
     """Open a counter while the witness does not move; returns it and the witness's counts at that moment."""
     deadline = time.monotonic() + 30
     while True:
@@ -280,3 +282,23 @@ def test_every_program_run_is_counted_and_none_missed(witness):
             assert counter.missed() == {}
     finally:
         os.close(stats_fd)
+
+
+
+def test_other_perf_users_of_the_tracepoint_still_see_every_hit(witness):
+    # kvm_stat's way (a filtered counting event per reason and CPU) keeps counting while BPF counters (the
+    # witness) are attached: the program returns 1 (0 would hide each hit from every perf event of the
+    # tracepoint). In a window where the witness did not move, both counted exactly the same hits.
+    keys = [(TP, 0, KVM_EXIT_IO), (TP, 0, 5)]
+    reasons = reasons_to_count(userspace_exit_spec(), [(isa, code) for _, isa, code in keys], False)
+    perf, base = open_after_quiet(witness, lambda: PerfCountCounter(reasons))
+    try:
+        with launch("bpf-coexist", vcpus=2, workload="halt", loops=250) as guest:
+            guest.wait_ready(60)
+            (w_host, w_pid), (perf_host, _) = read_bracketed(witness, perf.read, [guest.pid])
+        assert w_pid[guest.pid] == expected("halt", 250, 2)
+        since = minus(w_host, base)
+        assert perf_host == {k: since[k] for k in keys if since.get(k)}
+        assert perf_host[(TP, 0, 5)] >= 500
+    finally:
+        perf.close()

@@ -12,7 +12,11 @@ Only ctypes and the bpf(2) / perf_event_open(2) syscalls: no bcc, no clang, no l
 
 * **Attach**: a BPF program attached to a tracepoint perf event goes into the *tracepoint's* program
   array, which runs on every CPU; the kernel refuses the same program twice in it (EEXIST), so one perf
-  event (on one online CPU, ``pid=-1``) per tracepoint serves every CPU (bcc does the same).
+  event (on one online CPU, ``pid=-1``) per tracepoint serves every CPU (bcc does the same). The event is
+  left disabled and the program returns 1, so other perf users of the tracepoint (``kvm_stat``, ``perf``,
+  the perf-count mechanism) keep seeing every hit (a program returning 0 hides the hit from them all).
+* **Misses**: the kernel does not nest BPF tracing programs on a CPU: a hit while another one (any tool's
+  kprobe or tracepoint program) runs on that CPU is skipped and counted by the kernel (:meth:`missed`).
 * **License**: the helpers used (map lookup/update, ``get_current_pid_tgid``) are not GPL-only and the
   tracepoint attach does not check the license, so the program is declared under the project's own
   license (Apache-2.0).
@@ -66,7 +70,7 @@ BPF_PSEUDO_MAP_FD = 1
 # perf_event_open(2).
 PERF_TYPE_TRACEPOINT = 2
 PERF_FLAG_FD_CLOEXEC = 1 << 3
-PERF_EVENT_IOC_ENABLE = 0x2400  # _IO('$', 0)
+PERF_ATTR_DISABLED = 1 << 0  # perf_event_attr flags bit
 PERF_EVENT_IOC_SET_BPF = 0x40042408  # _IOW('$', 8, __u32)
 PERF_ATTR_SIZE_VER0 = 64
 
@@ -74,6 +78,7 @@ LICENSE = b"Apache-2.0\0"
 KEY = struct.Struct("<IIII")  # tgid, isa, reason, tracepoint index
 VALUE_SIZE = 8  # u64 per CPU
 VERIFIER_LOG_SIZE = 1 << 16
+PROG_RETURN = 1  # non-zero: the tracepoint's other perf events still get the hit (see program())
 PROG_NAME = b"kvmfleet_reason"  # 15 chars + NUL fits BPF_OBJ_NAME_LEN
 
 
@@ -157,8 +162,12 @@ _LOST_KEY_OFF = -28  # u32 index into the lost array
 
 
 def program(spec: TracepointSpec, index: int, counts_fd: int, lost_fd: int, per_process: bool) -> bytes:
-    """The program for tracepoint number ``index``: count one hit of ``spec`` under its key. Returns 0 so
-    the perf event itself records nothing."""
+    """The program for tracepoint number ``index``: count one hit of ``spec`` under its key.
+
+    It returns 1: the kernel hands a hit to the tracepoint's perf events (``perf_tp_event``) only when the
+    programs attached to it return non-zero, so returning 0 would blind every other perf user of the
+    tracepoint on the host (kvm_stat, perf stat, the perf-count mechanism) for as long as this program is
+    attached. Our own perf event is never enabled, so the hit costs it nothing."""
     for what, size in (("reason", spec.reason_size), ("isa", spec.isa_size)):
         if size not in (1, 2, 4):
             raise ValueError(f"{spec.name}: {what} field of {size} bytes; only 1, 2 or 4 bytes are counted")
@@ -178,8 +187,8 @@ def program(spec: TracepointSpec, index: int, counts_fd: int, lost_fd: int, per_
         st_mem(8, R10, _ONE_OFF, 1),
     ]
     lookup = [ld_map_fd(R1, counts_fd), mov64_reg(R2, R10), add64_imm(R2, _KEY_OFF), call(BPF_FUNC_map_lookup_elem)]
-    add_one_and_exit = [mov64_imm(R1, 1), atomic_add64(R0, R1), mov64_imm(R0, 0), exit_insn()]
-    ret0 = [mov64_imm(R0, 0), exit_insn()]
+    add_one_and_exit = [mov64_imm(R1, 1), atomic_add64(R0, R1), mov64_imm(R0, PROG_RETURN), exit_insn()]
+    ret0 = [mov64_imm(R0, PROG_RETURN), exit_insn()]
     # 1. the key exists (the common case): add 1 in place.
     code += [*lookup, jeq_imm(R0, 0, _len(add_one_and_exit)), *add_one_and_exit]
     # 2. new key: insert it with 1 (BPF_NOEXIST: another CPU may insert it first).
@@ -309,9 +318,12 @@ def prog_load(code: bytes, name: str) -> int:
 
 def perf_event_open_tracepoint(event_id: int, cpu: int, name: str) -> int:
     attr = ctypes.create_string_buffer(PERF_ATTR_SIZE_VER0)
-    # type, size, config (the tracepoint id), sample_period 1 (the program runs per hit whatever the period;
-    # it returns 0 so nothing is recorded), flags 0 (enabled, no inherit).
-    struct.pack_into("<IIQQ", attr, 0, PERF_TYPE_TRACEPOINT, PERF_ATTR_SIZE_VER0, event_id, 1)
+    # type, size, config (the tracepoint id), sample_period 0 (counting), read_format 0, flags: disabled. The
+    # event only carries the program: the kernel registers the tracepoint's perf probe when the event is
+    # created, and runs the attached programs on every hit whether the event is enabled or not; left
+    # disabled, the event stays off the CPU's list of events the hit is then handed to.
+    struct.pack_into("<IIQQQQQ", attr, 0, PERF_TYPE_TRACEPOINT, PERF_ATTR_SIZE_VER0, event_id, 0, 0, 0,
+                     PERF_ATTR_DISABLED)  # fmt: skip
     fd = _libc.syscall(ctypes.c_long(_syscall_numbers()["perf_event_open"]), attr, ctypes.c_long(-1),
                        ctypes.c_long(cpu), ctypes.c_long(-1), ctypes.c_long(PERF_FLAG_FD_CLOEXEC))  # fmt: skip
     if fd < 0:
@@ -410,7 +422,6 @@ class BpfExitCounter(ExitCounter):
                 fd = perf_event_open_tracepoint(spec.event_id, cpu, spec.name)
                 self.perf_fds.append(fd)
                 self._ioctl(fd, PERF_EVENT_IOC_SET_BPF, self.prog_fds[-1], f"PERF_EVENT_IOC_SET_BPF ({spec.name})")
-                self._ioctl(fd, PERF_EVENT_IOC_ENABLE, 0, f"PERF_EVENT_IOC_ENABLE ({spec.name})")
         except BaseException:
             self.close()
             raise
