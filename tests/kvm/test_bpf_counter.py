@@ -13,6 +13,7 @@ holds exactly what the witness counted since the counter opened (our guests' exa
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import struct
 import time
@@ -28,6 +29,7 @@ from kvmfleet.exitreasons.counter import Counts, ExitCounter, TracepointSpec
 from kvmfleet.exitreasons.perfcount import PerfCountCounter, reasons_to_count
 from kvmfleet.guestvmm import detect_backend, launch
 from kvmfleet.guestvmm.guests import expected_userspace_exits
+from kvmfleet.logsay import SayOnce
 
 KVM_EXIT_IO = 2
 BPF_MAP_UPDATE_ELEM = 2
@@ -187,8 +189,9 @@ def test_dead_processes_are_folded_into_host_counts_and_deleted_from_the_map(wit
             assert per_pid == {live.pid: expected("mmio", 200, 1)}
 
 
-def test_a_full_map_loses_hits_visibly(witness):
-    factory = lambda: BpfExitCounter([userspace_exit_spec()], per_process=True, max_entries=1)  # noqa: E731
+def test_a_full_map_loses_hits_visibly(witness, caplog):
+    say = SayOnce(logging.getLogger("test-bpf-full"))
+    factory = lambda: BpfExitCounter([userspace_exit_spec()], per_process=True, max_entries=1, say=say)  # noqa: E731
     counter, base = open_after_quiet(witness, factory)
     with counter:
         # 2 keys (HLT, then the done IO) for a map of 1: at least the IO is lost
@@ -201,6 +204,8 @@ def test_a_full_map_loses_hits_visibly(witness):
         assert set(lost) == {TP} and lost[TP] >= 1
         # every hit is either counted or lost, exactly
         assert sum(host.values()) + lost[TP] == sum(minus(w_host, base).values())
+        said = [r.getMessage() for r in caplog.records if r.name == "test-bpf-full"]
+        assert len(said) == 1 and "the BPF map is full (1 (process, reason) keys)" in said[0]
 
 
 def test_fds_back_to_baseline_after_close_and_after_a_failed_open():

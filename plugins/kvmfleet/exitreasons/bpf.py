@@ -40,6 +40,7 @@ import struct
 import sys
 from collections.abc import Collection, Sequence
 
+from ..logsay import SayOnce
 from .counter import Counts, ExitCounter, ReasonKey, TracepointSpec
 
 # Syscall numbers by machine (uname -m).
@@ -397,13 +398,17 @@ class BpfExitCounter(ExitCounter):
 
     name = "bpf"
 
-    def __init__(self, specs: Sequence[TracepointSpec], per_process: bool, max_entries: int = 16384) -> None:
+    def __init__(self, specs: Sequence[TracepointSpec], per_process: bool, max_entries: int = 16384,
+                 say: SayOnce | None = None) -> None:
+        """``max_entries``: the (process, reason) pairs the map holds (host-wide: reasons only); ``say``: where
+        hits lost to a full map or missed by nesting are said (once per cause) when :meth:`read` sees them."""
         if not specs:
             raise ValueError("no tracepoint to count")
         _syscall_numbers()  # fail early on an unsupported arch
         self.specs = list(specs)
         self.per_process = per_process
         self.max_entries = max_entries
+        self._say = say or SayOnce()
         self.ncpus = possible_cpus()
         self._value_size = VALUE_SIZE * self.ncpus
         self._retired: Counts = {}  # counts of processes that exited and whose keys were deleted
@@ -563,7 +568,18 @@ class BpfExitCounter(ExitCounter):
             if count:
                 self._retired[reason_key] = self._retired.get(reason_key, 0) + count
                 host[reason_key] = host.get(reason_key, 0) + count
+        self._say_losses()
         return {k: v for k, v in host.items() if v}, per_pid
+
+    def _say_losses(self) -> None:
+        lost = self.lost()
+        if lost:
+            self._say.first("exitreasons-bpf-lost", f"exit reasons: the BPF map is full ({self.max_entries} "
+                            f"(process, reason) keys): hits of new keys are not counted (so far: {lost})")
+        missed = self.missed()
+        if missed:
+            self._say.first("exitreasons-bpf-missed", "exit reasons: hits not counted because another BPF "
+                            f"tracing program was running on the CPU at the time (so far: {missed})")
 
     def lost(self) -> dict[str, int]:
         """Hits not counted because the map was full, by tracepoint name (only those with losses)."""
