@@ -13,9 +13,12 @@ holds exactly what the witness counted since the counter opened (our guests' exa
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import struct
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -307,3 +310,23 @@ def test_other_perf_users_of_the_tracepoint_still_see_every_hit(witness):
         assert perf_host[(TP, 0, 5)] >= 500
     finally:
         perf.close()
+
+
+def test_in_a_pid_namespace_of_its_own_processes_are_numbered_as_its_proc_shows():
+    # The collector in a container: the inside guest gets the pid number of a busy outside guest. Counted per
+    # process with bpf_get_ns_current_pid_tgid, the inside pid holds exactly the inside guest's exits, the
+    # outside guest's are host-wide only (tgid 0).
+    unshare = ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with launch("bpf-outside", vcpus=1, workload="halt", loops=0) as outside:
+        outside.wait_ready(60)
+        inside = subprocess.run([*unshare, sys.executable, "-m", "tests.support.bpf_pidns", str(outside.pid), "300"],
+                                capture_output=True, text=True, timeout=120, cwd=root)  # fmt: skip
+    assert inside.returncode == 0, inside.stderr
+    out = json.loads(inside.stdout)
+    assert out["inside_pid"] == outside.pid
+    assert out["pid_ns"][1] != bpf.PROC_PID_INIT_INO  # numbered in the inside namespace
+    assert {tuple(k): v for k, v in out["inside"]} == expected("halt", 300, 2)
+    assert set(out["tgids"]) == {0, out["inside_pid"]}  # the outside guest (still halting): under 0
+    host = {tuple(k): v for k, v in out["host"]}
+    assert host[(TP, 0, 5)] > 600  # the outside guest's halts counted host-wide

@@ -42,3 +42,16 @@ def test_program_reads_the_spec_offsets_and_sizes():
 def test_odd_field_sizes_are_refused():
     with pytest.raises(ValueError, match="reason field of 8 bytes"):
         bpf.program(TracepointSpec("t", 1, "r", 8, 8), 0, 3, 4, per_process=False)
+
+
+def test_ld_imm64_splits_a_64_bit_constant():
+    # r1 = 0x1_effffffc ll: low half in the first slot's imm, high half in the second's
+    assert bpf.ld_imm64(bpf.R1, 0x1EFFFFFFC).hex() == "18010000fcffffef" + "0000000001000000"
+
+
+def test_a_namespaced_program_asks_the_ns_helper_with_dev_and_ino():
+    spec = TracepointSpec("kvm_userspace_exit", 42, "reason", 8, 4)
+    code = bpf.program(spec, 0, 3, 4, per_process=True, pid_ns=(4, 0xEFFFFFFB))
+    assert bpf.ld_imm64(bpf.R1, 4) + bpf.ld_imm64(bpf.R2, 0xEFFFFFFB) in code
+    assert bpf.call(bpf.BPF_FUNC_get_ns_current_pid_tgid) in code
+    assert bpf.call(bpf.BPF_FUNC_get_current_pid_tgid) not in code

@@ -23,6 +23,11 @@ Only ctypes and the bpf(2) / perf_event_open(2) syscalls: no bcc, no clang, no l
 * **Arches**: x86_64 and aarch64 (little-endian; the syscall numbers are the only per-arch part; the
   instruction encoding packs registers for little-endian). Elsewhere the constructor raises OSError(ENOSYS),
   so a caller falls back to another mechanism.
+* **Pid namespaces**: ``bpf_get_current_pid_tgid`` gives pids of the initial pid namespace. A collector in
+  another one (a container) numbers processes with ``bpf_get_ns_current_pid_tgid`` (Linux 5.7) in its own
+  namespace instead: VMMs in that very namespace get per-process counts under the pids its ``/proc`` shows;
+  hits of processes in any other namespace are counted host-wide only (tgid 0), never under a pid that would
+  name another process here.
 * **Dead VMMs**: keys of a tgid that no longer exists are folded into a retired sum (host-wide counts
   stay complete) and deleted, so the map does not fill with processes long gone. A pid reused by a new
   VMM before the next read would inherit the old one's counts (same key): pids are reused only after
@@ -65,6 +70,8 @@ BPF_PROG_TYPE_TRACEPOINT = 5
 BPF_FUNC_map_lookup_elem = 1
 BPF_FUNC_map_update_elem = 2
 BPF_FUNC_get_current_pid_tgid = 14
+BPF_FUNC_get_ns_current_pid_tgid = 120  # Linux 5.7
+PROC_PID_INIT_INO = 0xEFFFFFFC  # the initial pid namespace's inode (include/linux/proc_ns.h)
 BPF_NOEXIST = 1
 BPF_PSEUDO_MAP_FD = 1
 
@@ -135,6 +142,15 @@ def atomic_add64(dst: int, src: int, off: int = 0) -> bytes:
     return insn(BPF_STX | BPF_ATOMIC | BPF_DW, dst, src, off, BPF_ADD)
 
 
+def ld_imm64(dst: int, value: int) -> bytes:
+    """``dst = value`` for a 64-bit constant (two slots)."""
+    return insn(BPF_LD | BPF_DW | BPF_IMM, dst, imm=_s32(value & 0xFFFFFFFF)) + insn(0, imm=_s32(value >> 32))
+
+
+def _s32(value: int) -> int:
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
 def ld_map_fd(dst: int, map_fd: int) -> bytes:
     """``dst = map`` (a 16-byte ld_imm64 the verifier turns into the map's address)."""
     return insn(BPF_LD | BPF_DW | BPF_IMM, dst, BPF_PSEUDO_MAP_FD, imm=map_fd) + insn(0)
@@ -160,9 +176,11 @@ def exit_insn() -> bytes:
 _KEY_OFF = -16  # struct key, 16 bytes
 _ONE_OFF = -24  # u64 1, the initial value of a new key
 _LOST_KEY_OFF = -28  # u32 index into the lost array
+_PIDNS_INFO_OFF = -40  # struct bpf_pidns_info {u32 pid; u32 tgid;}
 
 
-def program(spec: TracepointSpec, index: int, counts_fd: int, lost_fd: int, per_process: bool) -> bytes:
+def program(spec: TracepointSpec, index: int, counts_fd: int, lost_fd: int, per_process: bool,
+            pid_ns: tuple[int, int] | None = None) -> bytes:
     """The program for tracepoint number ``index``: count one hit of ``spec`` under its key.
 
     It returns 1: the kernel hands a hit to the tracepoint's perf events (``perf_tp_event``) only when the
@@ -173,7 +191,15 @@ def program(spec: TracepointSpec, index: int, counts_fd: int, lost_fd: int, per_
         if size not in (1, 2, 4):
             raise ValueError(f"{spec.name}: {what} field of {size} bytes; only 1, 2 or 4 bytes are counted")
     code = [mov64_reg(R6, R1)]  # r6 = ctx (the raw record: common fields, then the tracepoint's fields)
-    if per_process:
+    if per_process and pid_ns is not None:
+        # The tgid as the pid namespace (dev, ino) numbers it, when the hitting process lives in that very
+        # namespace; 0 (host-wide only) for any other process: its pid means nothing to our /proc.
+        # The helper zeroes bpf_pidns_info when the process is in another namespace: tgid 0 then.
+        dev, ino = pid_ns
+        code += [ld_imm64(R1, dev), ld_imm64(R2, ino), mov64_reg(R3, R10), add64_imm(R3, _PIDNS_INFO_OFF),
+                 mov64_imm(R4, 8), call(BPF_FUNC_get_ns_current_pid_tgid), ldx_mem(4, R0, R10, _PIDNS_INFO_OFF + 4),
+                 stx_mem(4, R10, R0, _KEY_OFF)]  # fmt: skip
+    elif per_process:
         code += [call(BPF_FUNC_get_current_pid_tgid), rsh64_imm(R0, 32), stx_mem(4, R10, R0, _KEY_OFF)]
     else:
         code += [st_mem(4, R10, _KEY_OFF, 0)]
@@ -399,9 +425,11 @@ class BpfExitCounter(ExitCounter):
     name = "bpf"
 
     def __init__(self, specs: Sequence[TracepointSpec], per_process: bool, max_entries: int = 16384,
-                 say: SayOnce | None = None) -> None:
+                 say: SayOnce | None = None, ns_helper: bool | None = None) -> None:
         """``max_entries``: the (process, reason) pairs the map holds (host-wide: reasons only); ``say``: where
-        hits lost to a full map or missed by nesting are said (once per cause) when :meth:`read` sees them."""
+        hits lost to a full map or missed by nesting are said (once per cause) when :meth:`read` sees them;
+        ``ns_helper``: number processes with ``bpf_get_ns_current_pid_tgid`` in this process's pid namespace
+        (None: only when that is not the initial one; tests force it)."""
         if not specs:
             raise ValueError("no tracepoint to count")
         _syscall_numbers()  # fail early on an unsupported arch
@@ -410,6 +438,7 @@ class BpfExitCounter(ExitCounter):
         self.max_entries = max_entries
         self._say = say or SayOnce()
         self.ncpus = possible_cpus()
+        self.pid_ns = self._pid_namespace(ns_helper) if per_process else None
         self._value_size = VALUE_SIZE * self.ncpus
         self._retired: Counts = {}  # counts of processes that exited and whose keys were deleted
         self._batch: bool | None = None  # whether BPF_MAP_LOOKUP_BATCH works here (None: not tried yet)
@@ -422,7 +451,7 @@ class BpfExitCounter(ExitCounter):
             self.lost_fd = map_create(BPF_MAP_TYPE_PERCPU_ARRAY, 4, VALUE_SIZE, len(self.specs), b"kvmfleet_lost")
             cpu = first_online_cpu()
             for index, spec in enumerate(self.specs):
-                code = program(spec, index, self.counts_fd, self.lost_fd, per_process)
+                code = program(spec, index, self.counts_fd, self.lost_fd, per_process, self.pid_ns)
                 self.prog_fds.append(prog_load(code, spec.name))
                 fd = perf_event_open_tracepoint(spec.event_id, cpu, spec.name)
                 self.perf_fds.append(fd)
@@ -430,6 +459,14 @@ class BpfExitCounter(ExitCounter):
         except BaseException:
             self.close()
             raise
+
+    @staticmethod
+    def _pid_namespace(ns_helper: bool | None) -> tuple[int, int] | None:
+        """(dev, ino) of this process's pid namespace when processes must be numbered in it, else None."""
+        st = os.stat("/proc/self/ns/pid")
+        if ns_helper is None:
+            ns_helper = st.st_ino != PROC_PID_INIT_INO
+        return (st.st_dev, st.st_ino) if ns_helper else None
 
     @staticmethod
     def _ioctl(fd: int, request: int, arg: int, what: str) -> None:
