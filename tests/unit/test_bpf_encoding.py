@@ -55,3 +55,9 @@ def test_a_namespaced_program_asks_the_ns_helper_with_dev_and_ino():
     assert bpf.ld_imm64(bpf.R1, 4) + bpf.ld_imm64(bpf.R2, 0xEFFFFFFB) in code
     assert bpf.call(bpf.BPF_FUNC_get_ns_current_pid_tgid) in code
     assert bpf.call(bpf.BPF_FUNC_get_current_pid_tgid) not in code
+
+
+def test_a_tracepoint_given_twice_is_refused_before_any_fd_is_opened():
+    spec = TracepointSpec("kvm_userspace_exit", 42, "reason", 8, 4)
+    with pytest.raises(ValueError, match="given twice"):
+        bpf.BpfExitCounter([spec, spec], per_process=False)
