@@ -443,6 +443,7 @@ class BpfExitCounter(ExitCounter):
         self.ncpus = possible_cpus()
         self.pid_ns = self._pid_namespace(ns_helper) if per_process else None
         self._value_size = VALUE_SIZE * self.ncpus
+        self._slots = struct.Struct(f"<{self.ncpus}Q")  # one u64 per possible CPU
         self._retired: Counts = {}  # counts of processes that exited and whose keys were deleted
         self._batch: bool | None = None  # whether BPF_MAP_LOOKUP_BATCH works here (None: not tried yet)
         self.counts_fd = -1
@@ -497,7 +498,7 @@ class BpfExitCounter(ExitCounter):
         return self._entries_one_by_one()
 
     def _sum(self, values: ctypes.Array[ctypes.c_char], offset: int) -> int:
-        return sum(struct.unpack_from(f"<{self.ncpus}Q", values, offset))
+        return sum(self._slots.unpack_from(values, offset))
 
     def _entries_one_by_one(self) -> list[tuple[bytes, int]]:
         key = ctypes.create_string_buffer(KEY.size)
@@ -546,8 +547,9 @@ class BpfExitCounter(ExitCounter):
                     raise
                 done = True
             count = struct.unpack_from("<I", attr, 32)[0]
+            raw_keys = keys.raw  # one copy per batch (.raw copies the whole buffer each time)
             for i in range(count):
-                entries.append((keys.raw[i * KEY.size : (i + 1) * KEY.size], self._sum(values, i * self._value_size)))
+                entries.append((raw_keys[i * KEY.size : (i + 1) * KEY.size], self._sum(values, i * self._value_size)))
             if done:
                 return entries
             ctypes.memmove(in_batch, out_batch, 8)
