@@ -226,8 +226,8 @@ def test_fds_back_to_baseline_after_close_and_after_a_failed_open():
         counter.read()
 
     good = userspace_exit_spec()
-    stale = TracepointSpec(good.name, 0x7FFFFFF0, good.reason_field, good.reason_offset, good.reason_size)
-    with pytest.raises(OSError, match=r"perf_event_open\(tracepoint kvm_userspace_exit id 2147483632"):
+    stale = TracepointSpec("gone", 0x7FFFFFF0, good.reason_field, good.reason_offset, good.reason_size)
+    with pytest.raises(OSError, match=r"perf_event_open\(tracepoint gone id 2147483632"):
         BpfExitCounter([good, stale], per_process=True)
     assert open_fds() == baseline
 
