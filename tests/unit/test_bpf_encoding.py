@@ -61,3 +61,13 @@ def test_a_tracepoint_given_twice_is_refused_before_any_fd_is_opened():
     spec = TracepointSpec("kvm_userspace_exit", 42, "reason", 8, 4)
     with pytest.raises(ValueError, match="given twice"):
         bpf.BpfExitCounter([spec, spec], per_process=False)
+
+
+def test_cpu_lists(tmp_path):
+    path = tmp_path / "possible"
+    path.write_text("0-3,8,10-11\n")
+    assert bpf._cpu_list(str(path)) == [0, 1, 2, 3, 8, 10, 11]
+    assert bpf.possible_cpus(str(path)) == 12 and bpf.first_online_cpu(str(path)) == 0
+    path.write_text("garbage\n")
+    with pytest.raises(OSError, match="not a CPU list"):
+        bpf.possible_cpus(str(path))

@@ -392,15 +392,18 @@ def first_online_cpu(path: str = "/sys/devices/system/cpu/online") -> int:
 
 
 def _cpu_list(path: str) -> list[int]:
-    """The CPUs of a kernel cpu list file ("0-3,8")."""
+    """The CPUs of a kernel cpu list file ("0-3,8"); OSError if it cannot be read or parsed."""
     with open(path) as f:
         text = f.read().strip()
     cpus: list[int] = []
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        cpus.extend(range(int(low), int(high or low) + 1))
-    if not cpus:
-        raise ValueError(f"{path}: no CPUs in {text!r}")
+    try:
+        for part in text.split(","):
+            low, _, high = part.partition("-")
+            cpus.extend(range(int(low), int(high or low) + 1))
+        if not cpus:
+            raise ValueError("no CPU")
+    except ValueError as err:
+        raise OSError(errno.EINVAL, f"{path}: not a CPU list ({text[:80]!r}: {err})") from None
     return cpus
 
 
