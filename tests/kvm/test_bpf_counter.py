@@ -330,3 +330,16 @@ def test_in_a_pid_namespace_of_its_own_processes_are_numbered_as_its_proc_shows(
     assert set(out["tgids"]) == {0, out["inside_pid"]}  # the outside guest (still halting): under 0
     host = {tuple(k): v for k, v in out["host"]}
     assert host[(TP, 0, 5)] > 600  # the outside guest's halts counted host-wide
+
+
+def test_without_the_capabilities_the_error_names_the_syscall_and_what_it_needs():
+    spec = userspace_exit_spec()
+    fields = (spec.name, spec.event_id, spec.reason_field, spec.reason_offset, spec.reason_size)
+    script = ("from kvmfleet.exitreasons.bpf import BpfExitCounter\n"
+              "from kvmfleet.exitreasons.counter import TracepointSpec\n"
+              f"BpfExitCounter([TracepointSpec(*{fields!r})], per_process=True)\n")  # fmt: skip
+    run = subprocess.run(["setpriv", "--inh-caps=-all", "--bounding-set=-all", "--", sys.executable, "-c", script],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 1
+    assert ("PermissionError: [Errno 1] bpf(BPF_MAP_CREATE, type 5, 16384 entries): Operation not permitted (needs "
+            "CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN)") in run.stderr
