@@ -1,8 +1,9 @@
 """collectd with ``ExitReasons vm`` on real guests ships their exact exits by reason to InfluxDB 1.6 and dispatches
 them into collectd (plugin ``kvm_exit_reason``).
 
-The guests start after the plugin counts with the bpf mechanism, which counts every process from the moment it loads
-(perf-count counts a VM from the sample that first sees it: a guest done before then would show nothing); each runs a known number of halts, MMIO stores or port writes, then stops in KVM_RUN for good, so its
+The guests start after the plugin counts with the bpf mechanism, which counts every process from the moment it
+loads (perf-count counts a VM from the sample that first sees it: a guest done before then would show nothing).
+Each runs a known number of halts, MMIO stores or port writes, then never enters KVM_RUN again, so its
 ``kvm:kvm_userspace_exit`` counts are exact and stay so (kvmfleet.guestvmm.guests.expected_userspace_exits).
 """
 
