@@ -18,8 +18,12 @@ Read cost: VMS guests (one VM per process, 1 vCPU, ``halt`` x 100 loops) are sta
 counting per VM; one ``read(pids of the VMS guests)`` is timed (median of REPEAT after the first, which opens
 perf-count's per-thread events), and a host-wide read.
 
-Prints a table, then ``reasons_slowdown`` (throughput off / with the default mechanism, bpf host-wide),
-``reasons_sample_ms`` (one read of the default mechanism, per VM over VMS guests: its costlier configuration),
+Collector cost: ``Collector.sample()`` over COLLECTOR_VMS guests of COLLECTOR_VCPUS vCPUs without reasons, with the
+default source host-wide and per VM, the three in turn; CPU time of the sampling thread, medians.
+
+Prints tables, then ``reasons_slowdown`` (throughput off / with the default mechanism, bpf host-wide),
+``reasons_sample_ms`` (the CPU ms the default source, host-wide, adds to one ``Collector.sample()``),
+``reasons_per_vm_sample_ms`` (the same per VM), ``collector_sample_ms`` (the sample without reasons),
 and per-mechanism lines (``bpf_slowdown``, ``bpf_per_vm_slowdown``, ``perfcount_slowdown``, ``*_cost_ns_per_exit``
 = 1/rate_with - 1/rate_off, ``*_hit_ns`` (ns added per tracepoint hit), ``bpf_program_ns_per_hit`` (the program
 alone, timed by the kernel), ``*_read_ms``, ``*_fds``).
@@ -36,7 +40,8 @@ import sys
 import time
 from typing import Callable
 
-from kvmfleet.collector import vm_sample
+from kvmfleet.collector import Collector, vm_sample
+from kvmfleet.exitreasons import ExitReasonSource
 from kvmfleet.exitreasons.bpf import BpfExitCounter, enable_run_stats, prog_run_stats
 from kvmfleet.exitreasons.counter import ExitCounter
 from kvmfleet.exitreasons.perfcount import PerfCountCounter
@@ -223,6 +228,34 @@ def read_costs(vms: int, repeat: int) -> dict[str, tuple[float, float, float, in
     return costs
 
 
+def collector_costs(vms: int, vcpus: int, repeat: int) -> dict[str, float]:
+    """CPU seconds of one ``Collector.sample()`` (median of ``repeat``) over ``vms`` guests of ``vcpus`` vCPUs, with no
+    reasons source, with the default one host-wide and with it per VM; the three collectors sample in turn."""
+    with launch_fleet(vms, vcpus=vcpus, workload="halt", loops=100, name_prefix="reasons-coll") as fleet:
+        fleet.wait_ready(300)
+        only = set(fleet.pids)
+        collectors = {
+            "off": Collector(StatsfdSource(only_pids=only)),
+            "host": Collector(StatsfdSource(only_pids=only), reasons=ExitReasonSource(per_vm=False)),
+            "per VM": Collector(StatsfdSource(only_pids=only), reasons=ExitReasonSource(per_vm=True)),
+        }
+        try:
+            for name, collector in collectors.items():
+                first = collector.sample()  # opens what the first sample opens
+                if name != "off" and first.exit_reasons is None:
+                    raise SystemExit(f"error: the exit reasons source does not count here ({name})")
+            cpu: dict[str, list[float]] = {name: [] for name in collectors}
+            for r in range(repeat):
+                for name in rotated(list(collectors), r):
+                    start = time.thread_time()
+                    collectors[name].sample()
+                    cpu[name].append(time.thread_time() - start)
+        finally:
+            for collector in collectors.values():
+                collector.close()
+    return {name: statistics.median(values) for name, values in cpu.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=15)
@@ -232,12 +265,15 @@ def main() -> int:
     parser.add_argument("--hit-calls", type=int, default=20000, help="KVM_RUN calls per per-hit sample")
     parser.add_argument("--vms", type=int, default=20)
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--collector-vms", type=int, default=200, help="guests of the Collector.sample() cost")
+    parser.add_argument("--collector-vcpus", type=int, default=4)
     args = parser.parse_args()
 
     rates, wall_rates, fds = exit_rates(args.window, args.rounds, args.settle)
     hits = hit_costs(args.hit_rounds, args.hit_calls)
     prog_ns, prog_runs = bpf_program_ns(args.window)
     costs = read_costs(args.vms, args.repeat)
+    sample_cpu = collector_costs(args.collector_vms, args.collector_vcpus, args.repeat)
 
     # Paired by round: a mode against the "off" window measured next to it (the shared machine's load drifts
     # over seconds), then the median over rounds.
@@ -269,8 +305,18 @@ def main() -> int:
     for mechanism, (first, per_vm, host, nfds) in costs.items():
         print(f"{mechanism:<12} {first * 1e3:>9.3f} {per_vm * 1e3:>10.3f} {host * 1e3:>8.3f} {nfds:>11}")
 
+    with ExitReasonSource() as default:
+        mechanism = default.mechanism_name
+    print(f"\nCollector.sample() over {args.collector_vms} VMs x {args.collector_vcpus} vCPUs, CPU ms (median of "
+          f"{args.repeat}), the default reasons source ({mechanism})")
+    print(f"{'reasons':<8} {'cpu ms':>8} {'added ms':>9}")
+    for name, seconds in sample_cpu.items():
+        print(f"{name:<8} {seconds * 1e3:>8.3f} {(seconds - sample_cpu['off']) * 1e3:>9.3f}")
+
     print(f"reasons_slowdown={slowdown['bpf']:.3f}")
-    print(f"reasons_sample_ms={costs['bpf'][1] * 1e3:.3f}")
+    print(f"reasons_sample_ms={(sample_cpu['host'] - sample_cpu['off']) * 1e3:.3f}")
+    print(f"reasons_per_vm_sample_ms={(sample_cpu['per VM'] - sample_cpu['off']) * 1e3:.3f}")
+    print(f"collector_sample_ms={sample_cpu['off'] * 1e3:.3f}")
     print(f"bpf_slowdown={slowdown['bpf']:.3f}")
     print(f"bpf_per_vm_slowdown={slowdown['bpf per VM']:.3f}")
     print(f"perfcount_slowdown={slowdown['perf-count']:.3f}")

@@ -212,7 +212,7 @@ def test_exit_reasons_off_opens_nothing(monkeypatch: pytest.MonkeyPatch) -> None
     import kvmfleet.agent as agent_module
 
     monkeypatch.setattr(agent_module, "ExitReasonSource", lambda **kw: pytest.fail("opened with ExitReasons off"))
-    agent = Agent(AgentConfig())
+    agent = Agent(AgentConfig(exit_reasons="off"))
     agent.start("hv1", source=ListSource([reading(11, "a")]))
     assert agent.collector is not None and agent.collector.reasons is None
     agent.stop()
