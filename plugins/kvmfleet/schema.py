@@ -19,7 +19,8 @@ M_FACTS = "kvm_host"  # host facts, every sample
 M_AGENT = "kvmfleet_agent"  # the agent's own metrics, every sample
 M_FINDING = "kvmfleet_finding"  # one point per finding of an audit run (--write-findings), in its own database
 M_AUDIT_RUN = "kvmfleet_audit_run"  # one point per audit run (--write-findings), findings or not
-MEASUREMENTS = (M_HOST, M_VM, M_VCPU, M_FACTS, M_AGENT, M_FINDING, M_AUDIT_RUN)
+M_EXIT_REASON = "kvm_exit_reason"  # exits by tracepoint reason: one point per reason seen and sample (opt-in)
+MEASUREMENTS = (M_HOST, M_VM, M_VCPU, M_FACTS, M_AGENT, M_FINDING, M_AUDIT_RUN, M_EXIT_REASON)
 COUNTER_MEASUREMENTS = (M_HOST, M_VM, M_VCPU)  # fields named like the kernel's counters
 
 # ---------------------------------------------------------------------------------------------- tags
@@ -31,6 +32,8 @@ T_VCPU = "vcpu"  # the vCPU id
 T_RULE = "rule"  # kvmfleet_finding: the rule id (shadow-paging, ...)
 T_SEVERITY = "severity"  # kvmfleet_finding: info, warning or critical
 T_COMMAND = "command"  # kvmfleet_audit_run: the command that ran (audit, capacity)
+T_ISA = "isa"  # kvm_exit_reason: vmx or svm (kvm:kvm_exit), userspace (kvm:kvm_userspace_exit)
+T_REASON = "reason"  # kvm_exit_reason: the reason's name in the tracepoint's format file
 
 # The tags each measurement carries besides the static ``Tag`` options of the plugin.
 TAGS: dict[str, tuple[str, ...]] = {
@@ -41,6 +44,7 @@ TAGS: dict[str, tuple[str, ...]] = {
     M_AGENT: (T_HOST,),
     M_FINDING: (T_HOST, T_RULE, T_SEVERITY),  # host: the host the finding is about
     M_AUDIT_RUN: (T_COMMAND,),
+    M_EXIT_REASON: (T_HOST, T_ISA, T_REASON, T_VM),  # vm only on per-VM series
 }
 # Tag keys the agent sets itself: a static tag may not take them (nor "time", nor a name starting with "_").
 RESERVED_TAGS = (T_HOST, T_VM, T_VM_UUID, T_VMM, T_VCPU)
@@ -137,8 +141,14 @@ AUDIT_RUN_FIELDS: tuple[Field, ...] = (
     Field("elapsed_s", "float", "seconds the run took (queries and rules)"),
 )
 
+F_COUNT = "count"
+EXIT_REASON_FIELDS: tuple[Field, ...] = (
+    Field(F_COUNT, "integer", "hits of the reason since the agent started counting (cumulative; from 0 again "
+                              "after an agent restart)"),
+)
+
 FIELDS: dict[str, tuple[Field, ...]] = {M_FACTS: FACT_FIELDS, M_AGENT: AGENT_FIELDS, M_FINDING: FINDING_FIELDS,
-                                        M_AUDIT_RUN: AUDIT_RUN_FIELDS}
+                                        M_AUDIT_RUN: AUDIT_RUN_FIELDS, M_EXIT_REASON: EXIT_REASON_FIELDS}
 
 
 # ---------------------------------------------------------------------------------------------- counter names
