@@ -56,6 +56,8 @@ class Storm:
 
 
 class ExitReasonStorm(HostRule):
+    """One finding per host with a family at a level: the worst family's severity, every such family named."""
+
     id = "exit-reason-storm"
     names_exit_reasons = True
 
