@@ -81,6 +81,14 @@ def test_series_of_unknown_hosts_or_without_tags_or_numbers_are_left_out() -> No
     assert h.reason_hits == {} and h.reason_first == {}
 
 
+def test_tags_that_are_no_reason_names_are_left_out_and_said() -> None:
+    h = merged((series("vmx", "HLT\x1b[2K<b>", T0, 1), series("vmx", "HLT\x1b[2K<b>", T0 + SPAN, 9)),
+               (series("vmx", "x" * 65, T0, 1), series("vmx", "x" * 65, T0 + SPAN, 9)),
+               (series("svm", "PF excp", T0, 1), series("svm", "PF excp", T0 + SPAN, 9)))
+    assert h.reason_hits == {("svm", "PF excp"): 8}
+    assert h.notes == ["exit reason series whose isa or reason tag is not a reason name were left out: 2"]
+
+
 # ------------------------------------------------------------------------------------------------ ranking
 def test_shares_are_of_each_tracepoints_exits() -> None:
     h = host({("vmx", "MSR_WRITE"): 600, ("vmx", "HLT"): 300, ("vmx", "EPT_VIOLATION"): 90, ("vmx", "CPUID"): 10,
