@@ -25,9 +25,11 @@ from kvmfleet.querypack import load_rules
 T0, SPAN = 1_000_000.0, 1000.0
 
 
-def host(rates: dict[tuple[str, str], float], vcpus: int | None = 4) -> HostData:
+def host(rates: dict[tuple[str, str], float], vcpus: int | None = 4, exits: float | None = None) -> HostData:
     h = HostData("h", t_first=T0, t_last=T0 + SPAN, facts={"vcpus": vcpus} if vcpus else {})
     h.reason_hits = {k: r * SPAN for k, r in rates.items()}
+    if exits is not None:
+        h.increases["exits"] = exits * SPAN
     return h
 
 
@@ -132,9 +134,10 @@ def test_no_witness_without_reasons() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ storm
-def storm(rates: dict[tuple[str, str], float], vcpus: int | None = 4, **overrides: float) -> list[Any]:
+def storm(rates: dict[tuple[str, str], float], vcpus: int | None = 4, exits: float | None = None,
+          **overrides: float) -> list[Any]:
     rules = load_rules(sets=[f"exit-reason-storm.{k}={v}" for k, v in overrides.items()])
-    out = ExitReasonStorm(rules).evaluate(host(rates, vcpus))
+    out = ExitReasonStorm(rules).evaluate(host(rates, vcpus, exits))
     return [(f.severity, f.summary) for f in out.findings]
 
 
@@ -157,12 +160,16 @@ def test_storm_families_and_tracepoints() -> None:
     assert only[0] == "warning" and only[1].endswith(": apic")
     (only,) = storm({("vmx", "PAUSE_INSTRUCTION"): 12000, ("vmx", "HLT"): 1000})
     assert only[0] == "critical" and only[1].startswith("PAUSE-loop exits are 92% of kvm_exit exits")
-    (only,) = storm({("userspace", "KVM_EXIT_IO"): 800, ("userspace", "KVM_EXIT_MMIO"): 400,
-                     ("userspace", "KVM_EXIT_HLT"): 100})
-    assert only == ("warning", "port I/O and MMIO exits to the VMM are 92% of kvm_userspace_exit exits (1,200/s, "
-                               "300 per vCPU-s: KVM_EXIT_IO 800/s, KVM_EXIT_MMIO 400/s): userspace-io")
+    userspace = {("userspace", "KVM_EXIT_IO"): 800, ("userspace", "KVM_EXIT_MMIO"): 400,
+                 ("userspace", "KVM_EXIT_HLT"): 100}
+    assert storm(userspace) == []  # without the kvm exits counter: no share of all exits, not judged
+    assert storm(userspace, exits=4800.01) == []  # just below a quarter of all exits
+    assert storm(userspace, exits=4800) == [(
+        "warning", "port I/O and MMIO exits to the VMM are 25% of all exits (1,200/s, 300 per vCPU-s: KVM_EXIT_IO "
+                   "800/s, KVM_EXIT_MMIO 400/s): userspace-io")]
+    assert storm(userspace, exits=2400, userspace_critical_per_vcpu_s=300)[0][0] == "critical"
     (both,) = storm({("vmx", "IO_INSTRUCTION"): 5000, ("vmx", "EPT_MISCONFIG"): 2000, ("vmx", "HLT"): 1000,
-                     ("userspace", "KVM_EXIT_IO"): 4000, ("userspace", "KVM_EXIT_MMIO"): 1000})
+                     ("userspace", "KVM_EXIT_IO"): 4000, ("userspace", "KVM_EXIT_MMIO"): 1000}, exits=9000)
     assert both[0] == "critical"  # userspace-io at 1,250 per vCPU-s; device-io a warning, named too
     assert both[1].index("userspace-io") < both[1].index("device-io")
     assert storm({("vmx", "MSR_WRITE"): 400, ("vmx", "HLT"): 100}) == []  # 80 % but below min_per_s

@@ -3,9 +3,10 @@ misconfiguration (MSR accesses, APIC accesses, PAUSE loops, emulated device I/O;
 userspace exits). rules.yaml explains each family with its kernel reasoning.
 
 Judged from ``kvm_exit_reason`` alone, known from the fleet stage on: a host without reasons is not judged and
-not listed (the source is off by default). A family is judged by its share of its tracepoint's exits and by its
-rate per vCPU-second (a host without a vCPU count: by the share and the floor alone); the worst family sets the
-severity, every family at a level is named.
+not listed (the source is off by default). A family is judged by its share of its tracepoint's exits (userspace-io:
+of all the host's exits, the kvm ``exits`` counter, since the exits handed to the VMM are nearly all port I/O and
+MMIO anyway) and by its rate per vCPU-second (a host without a vCPU count: by the share and the floor alone); the
+worst family sets the severity, every family at a level is named.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class Family:
     what: str  # words for the summary
     tracepoint: str
     reasons: tuple[str, ...]
+    of_all_exits: bool = False  # its share is of the host's exits (kvm exits), not of its tracepoint's
 
     @property
     def prefix(self) -> str:
@@ -39,7 +41,8 @@ FAMILIES: tuple[Family, ...] = (
     Family("pause", "PAUSE-loop exits", KVM_EXIT, ("PAUSE_INSTRUCTION", "pause")),
     Family("device-io", "port I/O and MMIO (EPT misconfig) exits", KVM_EXIT,
            ("IO_INSTRUCTION", "io", "EPT_MISCONFIG")),
-    Family("userspace-io", "port I/O and MMIO exits to the VMM", USERSPACE_EXIT, ("KVM_EXIT_IO", "KVM_EXIT_MMIO")),
+    Family("userspace-io", "port I/O and MMIO exits to the VMM", USERSPACE_EXIT, ("KVM_EXIT_IO", "KVM_EXIT_MMIO"),
+           of_all_exits=True),
 )
 
 
@@ -73,7 +76,9 @@ class ExitReasonStorm(HostRule):
             per_s = sum(reasons.values())
             if per_s <= 0:
                 continue
-            share, per_vcpu = ratio(per_s, total), h.per_vcpu(per_s)
+            # no kvm exits counter: no share, so userspace-io is not judged there
+            share = ratio(per_s, h.rate("exits") if fam.of_all_exits else total)
+            per_vcpu = h.per_vcpu(per_s)
             p = fam.prefix
             floor = ge(per_s, th[f"{p}min_per_s"])
             severity = level(
@@ -115,5 +120,5 @@ class ExitReasonStorm(HostRule):
         share = "n/a" if s.share is None else f"{100 * s.share:.0f}%"
         per_vcpu = f", {fmt(s.per_vcpu)} per vCPU-s" if s.per_vcpu is not None else ""
         names = ", ".join(f"{k} {fmt(v)}/s" for k, v in sorted(s.reasons.items(), key=lambda kv: (-kv[1], kv[0])))
-        return (f"{s.family.what} are {share} of {s.family.tracepoint} exits ({fmt(s.per_s)}/s{per_vcpu}: {names}): "
-                f"{s.family.id}")
+        of = "all exits" if s.family.of_all_exits else f"{s.family.tracepoint} exits"
+        return f"{s.family.what} are {share} of {of} ({fmt(s.per_s)}/s{per_vcpu}: {names}): {s.family.id}"
