@@ -174,3 +174,31 @@ def test_storm_families_and_tracepoints() -> None:
     assert both[1].index("userspace-io") < both[1].index("device-io")
     assert storm({("vmx", "MSR_WRITE"): 400, ("vmx", "HLT"): 100}) == []  # 80 % but below min_per_s
     assert storm({}) == []
+
+
+# ------------------------------------------------------------------------------------------------ engine
+def test_the_engine_names_reasons_in_fleet_findings_and_asks_resets_only_for_restarted_hosts() -> None:
+    from tests.audit.test_engine import EPT, TDP, Canned, run
+
+    canned = Canned()
+    for i in range(6):
+        canned.host(f"plain-{i}", dict(EPT, exits=8000 + 200 * i), TDP)
+    canned.host("hot", dict(EPT, exits=200000), TDP)
+    canned.answers["exit_reasons"] = [
+        [series("vmx", "MSR_WRITE", 1_700_000_000, 5e6, "hot"), series("vmx", "HLT", 1_700_000_000, 5e6, "hot"),
+         series("vmx", "HLT", 1_700_000_000, 5e6, "plain-0")],
+        [series("vmx", "MSR_WRITE", 1_700_003_600, 5e6 + 150000 * 3600, "hot"),
+         series("vmx", "HLT", 1_700_003_600, 5e6 + 50000 * 3600, "hot"),
+         series("vmx", "HLT", 1_700_003_600, 10, "plain-0")]]  # plain-0's agent restarted
+    canned.answers["exit_reason_resets"] = [[Series("kvm_exit_reason", {"host": "plain-0", "isa": "vmx",
+                                                                        "reason": "HLT"}, ["time", "count"],
+                                                    [[0, 900 * 3590]])]]
+    result, runner = run(canned, only=["exit-load", "exit-reason-storm"])
+    assert runner.asked()[1] == [("exit_reason_resets", ["plain-0"], None)]
+    assert result.hosts["plain-0"].reason_rates() == {("vmx", "HLT"): 900 * 3590 / 3600}
+    (load,) = [f for f in result.findings if f.rule == "exit-load"]
+    assert load.host == "hot" and load.summary.endswith("; top kvm_exit reasons (vmx): MSR_WRITE 75%, HLT 25%")
+    (storm_finding,) = [f for f in result.findings if f.rule == "exit-reason-storm"]
+    assert storm_finding.host == "hot" and storm_finding.severity == "critical"
+    # named once, though the storm rule also names the top reasons
+    assert storm_finding.summary.count("top kvm_exit reasons") == 1
