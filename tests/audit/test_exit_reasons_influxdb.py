@@ -39,6 +39,8 @@ FLEET = [
     shadow("svm-yes", SVM_SHADOW),
     shadow("svm-no", {("svm", "npf"): 300, ("svm", "PF excp"): 100, ("svm", "hlt"): 100}),
     sy.make_host("shadow-plain", "shadow"),  # no reasons at all
+    sy.make_host("nested-reasons", "nested", reasons={("vmx", "EPT_VIOLATION"): 300, ("vmx", "VMRESUME"): 200,
+                                                      ("vmx", "HLT"): 100}),
     sy.make_host("io-reasons", "emulated-io", reasons={
         ("vmx", "IO_INSTRUCTION"): 5000, ("vmx", "EPT_MISCONFIG"): 2000, ("vmx", "HLT"): 1000,
         ("userspace", "KVM_EXIT_IO"): 4000, ("userspace", "KVM_EXIT_MMIO"): 1000}),
@@ -118,6 +120,12 @@ def test_shadow_paging_witness_on_vmx_and_svm(result: AuditResult) -> None:
     assert svm_yes.evidence["paging_witness"]["tdp_exits_per_s"] == {"npf": 0.0}
     assert "exit reasons corroborate: PF excp 400/s, invlpg 100/s, read_cr3 50/s, write_cr3 100/s, no npf exits" \
         in svm_yes.summary
+    nested = one(result, "nested-reasons", "nested-shadow")  # L1 on EPT: its EPT exits, and no verdict
+    assert nested.evidence["paging_witness"] == {"shows": "tdp", "isa": "vmx", "shadow_intercepts_per_s": {
+        "EXCEPTION_NMI": 0.0, "INVLPG": 0.0, "CR_ACCESS": 0.0}, "tdp_exits_per_s": {"EPT_VIOLATION": 300.0,
+                                                                                   "EPT_MISCONFIG": 0.0}}
+    assert "; exit reasons show tdp: EPT_VIOLATION 300/s; top kvm_exit reasons (vmx): EPT_VIOLATION 50%, VMRESUME " \
+           "33%, HLT 17%" in nested.summary
     svm_no = one(result, "svm-no", "shadow-paging")
     assert svm_no.evidence["paging_witness"]["shows"] == "both"
     assert "exit reasons do not corroborate: npf 300/s (guest memory mapped through EPT/NPT) alongside PF excp " \
