@@ -129,8 +129,11 @@ def test_paging_witness(rates: dict[tuple[str, str], float], shows: str) -> None
     assert w is not None and w.shows == shows
 
 
-def test_no_witness_without_reasons() -> None:
+def test_no_witness_without_reasons_or_without_a_span() -> None:
     assert paging_witness(host({})) is None
+    one_sample = host({("vmx", "HLT"): 5})
+    one_sample.t_last = one_sample.t_first
+    assert paging_witness(one_sample) is None and ranked(one_sample) == {}
 
 
 # ------------------------------------------------------------------------------------------------ storm

@@ -114,7 +114,7 @@ class PagingWitness:
 
     ``shows``: ``shadow`` (shadow intercepts, no EPT/NPT exits), ``tdp`` (EPT/NPT exits, no shadow intercepts),
     ``both``, ``neither``, or ``absent`` (the host counts reasons but kvm_exit gave none: the tracepoint did not
-    fire, e.g. a backend that emulates its guests)."""
+    fire, e.g. a backend that emulates its guests, or the agent did not count it)."""
 
     isa: str | None
     shadow_per_s: dict[str, float]
@@ -148,9 +148,9 @@ class PagingWitness:
 
 def paging_witness(h: HostData) -> PagingWitness | None:
     """The witness of a host that counts reasons (None for a host without any: nothing to say)."""
-    if not h.reason_hits:
-        return None
     rates = h.reason_rates()
+    if not rates:  # no reasons, or no span to make rates of
+        return None
     by_isa: dict[str, float] = {}
     for (isa, _), r in rates.items():
         if isa in SHADOW_INTERCEPTS:

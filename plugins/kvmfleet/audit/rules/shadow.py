@@ -109,8 +109,8 @@ class ShadowPaging(HostRule):
                             f"EPT/NPT) alongside {w.numbers(SHOWS_SHADOW)}",
                 SHOWS_NEITHER: f"exit reasons do not corroborate: no {w.names(SHOWS_SHADOW)} exits among the "
                                f"{w.isa} exit reasons",
-                SHOWS_ABSENT: "no kvm_exit reasons for this host (the tracepoint did not fire): the counters are the "
-                              "only witness",
+                SHOWS_ABSENT: "no kvm_exit reasons for this host (the tracepoint did not fire, or was not counted): "
+                              "the counters are the only witness",
             }[shows]
             if corroborates == "no":
                 f.notes.append("the exit reasons contradict the MMU counters: check whether EPT/NPT was switched on "
