@@ -21,7 +21,8 @@ pytestmark = pytest.mark.server
 
 SCENARIO = [
     sy.make_host("ept-idle-1", "ept-idle"),
-    sy.make_host("ept-1", "ept"), sy.make_host("ept-2", "ept"), sy.make_host("ept-3", "ept"),
+    sy.make_host("ept-1", "ept", reasons={("vmx", "HLT"): 100, ("vmx", "EPT_VIOLATION"): 50}),  # kvm_exit_reason
+    sy.make_host("ept-2", "ept"), sy.make_host("ept-3", "ept"),
     sy.make_host("ept-busy-1", "ept-busy"),
     sy.make_host("ept-memory-1", "ept-memory"),  # pf_fixed, mmu_cache_miss, mmu_shadow_zapped high
     sy.make_host("ept-memory-old-mmu", "ept-memory", facts=dict(sy.FACTS_EPT, tdp_mmu=False)),

@@ -100,7 +100,7 @@ def triples(result: AuditResult) -> set[tuple[str, str, str]]:
     return {(f.host, f.rule, f.severity) for f in result.findings}
 
 
-FLEET_STAGE = [("fleet_counters", None, None), ("host_tdp", None, None)]
+FLEET_STAGE = [("fleet_counters", None, None), ("host_tdp", None, None), ("exit_reasons", None, None)]
 SHADOW_VM_COLUMNS = sorted(["mmu_pte_write", "invlpg", "mmu_flooded", "mmu_pde_zapped", "pf_guest", "nested_run",
                             "mmu_unsync", "exits"])
 NO_TDP = {"tdp_state": "unsupported", "vcpus": 4, "cpu_ept": False, "cpu_npt": False, "is_guest": True}
@@ -125,9 +125,9 @@ def test_shadow_paging_host() -> None:
     assert "agree" in sp.summary
     tdp = next(f for f in result.findings if f.rule == "tdp-unavailable")
     assert "is itself a VM" in tdp.summary and tdp.evidence["is_guest"] is True  # host_facts merged
-    assert result.skipped == [] and result.requests == 5
-    assert [q["query"] for q in result.queries] == ["fleet_counters", "host_tdp", "shadow_paging", "host_facts",
-                                                    "vm_counters"]
+    assert result.skipped == [] and result.requests == 6
+    assert [q["query"] for q in result.queries] == ["fleet_counters", "host_tdp", "exit_reasons", "shadow_paging",
+                                                    "host_facts", "vm_counters"]
 
 
 def test_host_with_a_reset_gets_exact_rates() -> None:

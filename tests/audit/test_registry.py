@@ -60,7 +60,7 @@ def test_scopes_and_units_made_for_an_audit() -> None:
     assert {u.scope for u in REGISTRY} == {HOST, FLEET}
     units = Units.make(RULES, wanted_rules(None))
     assert [u.id for u in units.host] == ["shadow-paging", "tdp-disabled", "emulated-io", "irq-injection",
-                                          "insn-emulation", "halt-polling"]
+                                          "insn-emulation", "halt-polling", "exit-reason-storm"]
     assert [u.id for u in units.fleet] == ["exit-load"]
     # the TDP pair runs when either is wanted; nested-shadow comes with shadow-paging, never alone
     assert [u.id for u in Units.make(RULES, wanted_rules(["tdp-unavailable"])).host] == ["tdp-disabled"]

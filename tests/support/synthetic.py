@@ -11,6 +11,13 @@ Knobs for the ugly cases the audit must survive: ``old_names`` (fields named as 
 ``fields`` (only these fields are written: other collectors, older kernels), ``gaps`` (no samples in these time
 ranges), ``resets`` (the counters restart from zero at these times, as after a collector restart) and
 ``facts=None`` (no ``kvm_host`` at all).
+
+Exit reasons (``kvm_exit_reason``, written only when a host has ``reasons``): host-wide rates per (isa, reason),
+exact (no jitter), so that a test knows every count: a reason is counted from ``reason_since`` (an offset; before
+the window by default) and written only once its count is above 0, at the host's sample times; at each of
+``reason_restarts`` the agent restarted, so the counts start again from 0 at the sample before it (the hits of
+that one interval are what the audit cannot tell from a restart). With ``per_vm`` the VMs get per-VM series too
+(tag ``vm``, the host's rate split evenly), which the audit's host-wide queries must not add in.
 """
 
 from __future__ import annotations
@@ -152,6 +159,9 @@ class HostSpec:
     jitter: float = 0.1
     scale: float = 1.0  # every rate multiplied by this (hosts of one profile differ in load)
     counted_s: float = 86400.0  # about how long the counters have been counting at the first sample
+    reasons: Mapping[tuple[str, str], float] = field(default_factory=dict)  # (isa, reason) -> hits/s of the host
+    reason_since: Mapping[tuple[str, str], float] = field(default_factory=dict)  # offset a reason is counted from
+    reason_restarts: Sequence[float] = ()  # offsets at which the agent restarted: reason counts from 0
 
 
 def _names(spec: HostSpec) -> list[tuple[str, str, bool]]:
@@ -241,7 +251,29 @@ def host_lines(spec: HostSpec, end_s: int, duration_s: int, step_s: int = 10, se
                 facts_text = encode_fields(dict(facts, vms=len(here), vcpus=sum(vm.vcpus for vm in here)))
             if facts_text:
                 yield f"{facts_prefix} {facts_text} {t}"
+            yield from _reason_lines(spec, t, off, step_s)
         t += step_s
+
+
+def reason_count(spec: HostSpec, key: tuple[str, str], off: float, step_s: int) -> int:
+    """The ``count`` of one reason at the sample ``off`` seconds after the first: hits since the later of when it
+    is counted from and the last agent restart (taken to be at the sample before the first one after it)."""
+    starts = [spec.reason_since.get(key, -spec.counted_s)]
+    starts += [-(-r // step_s) * step_s - step_s for r in spec.reason_restarts if -(-r // step_s) * step_s <= off]
+    return int(spec.reasons[key] * max(0.0, off - max(starts)))
+
+
+def _reason_lines(spec: HostSpec, t: int, off: float, step_s: int) -> Iterator[str]:
+    for key in sorted(spec.reasons):
+        count = reason_count(spec, key, off, step_s)
+        if count <= 0:
+            continue  # the agent writes only reasons seen
+        tags = dict(spec.tags, host=spec.name, isa=key[0], reason=key[1])
+        yield f"{series_prefix(schema.M_EXIT_REASON, tags)} {encode_fields({schema.F_COUNT: count})} {t}"
+        if spec.per_vm and spec.vms:
+            share = {schema.F_COUNT: max(1, count // len(spec.vms))}
+            for vm in spec.vms:
+                yield f"{series_prefix(schema.M_EXIT_REASON, dict(tags, vm=vm.name))} {encode_fields(share)} {t}"
 
 
 def fleet_lines(hosts: Iterable[HostSpec], end_s: int, duration_s: int, step_s: int = 10, seed: int = 0

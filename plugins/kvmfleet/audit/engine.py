@@ -4,17 +4,20 @@ Each stage asks a handful of grouped queries over many hosts, never one query pe
 stage run in parallel (``parallel`` at once):
 
 1. *fleet*: ``fleet_counters`` (each host's first and last sample in the window: exits and every rule's trigger
-   counter) and ``host_tdp`` (the TDP verdict and vCPUs) for every host matching ``--host-regex``;
+   counter), ``host_tdp`` (the TDP verdict and vCPUs) and ``exit_reasons`` (each host-wide exit reason's first and
+   last count; none where the agent does not count reasons) for every host matching ``--host-regex``;
 2. *fresh*: no host at all is an error (:class:`AuditError`: nothing was seen, so nothing can be called clean);
    hosts whose newest sample is older than ``stale_after`` are stale (listed, their findings noted);
 3. *resets*: hosts with a counter that went down in the window (a restart) get their rates from ``exact_rates``
-   (derivatives over every sample) instead;
+   (derivatives over every sample) instead, hosts whose reason counts restarted their reasons from
+   ``exit_reason_resets``;
 4. *screen*: the hosts no rule can judge are listed; each host-wide rule's screen picks the hosts that may trigger
    it, each fleet-wide rule (exit-load) the hosts it flags;
 5. *detail*: each rule's own query, ``host_facts`` and ``vm_counters``, only for the hosts picked, with a regex of
    exactly those hosts;
 6. *vms*: ``vcpu_counters`` for the hosts picked that have no ``kvm_vm``;
-7. *evaluate*: every rule on every host (fleet-wide rules on the fleet);
+7. *evaluate*: every rule on every host (fleet-wide rules on the fleet); the findings of the rules about exits
+   name the host's top exit reasons where it has any;
 8. *charts*: for the HTML report, ``counter_rates`` of the hosts with findings.
 
 What each rule needs (its detail query, its VM columns, vCPUs, facts) comes from its unit in :mod:`.rules`. The
@@ -33,13 +36,24 @@ from ..querypack import QueryParams, Rule, duration_seconds, interval_for
 from ..schema import M_VCPU, M_VM
 from ..severity import severity_rank
 from .client import AuditError, InfluxQLClient
-from .merge import chart_series, merge_exact_rates, merge_facts, merge_host_pairs, merge_vm_pairs
+from .merge import (
+    chart_series,
+    merge_exact_rates,
+    merge_exit_reasons,
+    merge_facts,
+    merge_host_pairs,
+    merge_reason_resets,
+    merge_vm_pairs,
+)
 from .model import Finding, HostData, Skipped, Stale, duration_text, iso_time
+from .reasons import name_top_reasons
 from .rules import UNKNOWN_VCPUS, Units, wanted_rules
 from .runner import Answers, InfluxQLRunner, Job, QueryRunner
 
 RESET_NOTE = ("a counter went down in the window (collector or VM restart): rates of the trigger counters from "
               "every sample (exact_rates), other evidence understated")
+REASON_RESET_NOTE = ("exit reason counts restarted in the window (agent restart): reasons from every sample "
+                     "(exit_reason_resets), the interval of each restart left out")
 VM_WIDE, VM_NARROW = "vm_counters", "vm_counters/narrow"  # job keys of the two vm_counters groups
 
 
@@ -121,9 +135,11 @@ class Audit:
 
 # ------------------------------------------------------------------------------------------------ stages
 def stage_fleet(a: Audit) -> None:
-    ans = a.ask([Job("fleet_counters", "fleet_counters"), Job("host_tdp", "host_tdp")])
+    ans = a.ask([Job("fleet_counters", "fleet_counters"), Job("host_tdp", "host_tdp"),
+                 Job("exit_reasons", "exit_reasons")])
     merge_host_pairs(a.hosts, ans.get("fleet_counters", []))
     merge_facts(a.hosts, ans.get("host_tdp", []))
+    merge_exit_reasons(a.hosts, ans.get("exit_reasons", []))  # after fleet_counters: it reads t_first
 
 
 def stage_fresh(a: Audit) -> None:
@@ -147,12 +163,17 @@ def stage_fresh(a: Audit) -> None:
 
 def stage_resets(a: Audit) -> None:
     reset = sorted(n for n, h in a.hosts.items() if h.reset)
-    if not reset:
-        return
-    merge_exact_rates(a.hosts, a.ask([Job("exact_rates", "exact_rates", reset)]).get("exact_rates", []))
+    reason_reset = sorted(n for n, h in a.hosts.items() if h.reason_reset)
+    jobs = [Job(key, key, hosts) for key, hosts in (("exact_rates", reset), ("exit_reason_resets", reason_reset))
+            if hosts]
+    ans = a.ask(jobs)
+    merge_exact_rates(a.hosts, ans.get("exact_rates", []))
+    merge_reason_resets(a.hosts, ans.get("exit_reason_resets", []))
     for name in reset:
         a.hosts[name].exact_rates.setdefault("exits", None)
         a.hosts[name].notes.append(RESET_NOTE)
+    for name in reason_reset:
+        a.hosts[name].notes.append(REASON_RESET_NOTE)
 
 
 def stage_screen(a: Audit) -> None:
@@ -213,11 +234,16 @@ def stage_evaluate(a: Audit) -> None:
             for f in out.findings:
                 if f.rule in a.wanted:
                     f.notes.extend(h.notes)
+                    if unit.names_exit_reasons:
+                        name_top_reasons(f, h)
                     a.findings.append(f)
             a.skipped += out.skipped
     a.fleet = {"hosts": len(a.hosts)}
     for fleet_unit in a.units.fleet:  # again, now with the VMs of the hosts it flagged
         fo = fleet_unit.evaluate_fleet(a.hosts)
+        for f in fo.findings if fleet_unit.names_exit_reasons else []:
+            if f.host in a.hosts:
+                name_top_reasons(f, a.hosts[f.host])
         a.findings += fo.findings
         a.top += fo.top
         a.fleet.update(fo.fleet)

@@ -9,10 +9,11 @@ of one VM added up). ``host_tdp`` and ``host_facts`` answer with the last row (:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
-from ..schema import T_HOST, T_VM
+from ..schema import F_COUNT, T_HOST, T_ISA, T_REASON, T_VM
 from .client import Series
 from .model import INSTANT, HostData, VMData, finite
 
@@ -118,6 +119,69 @@ def merge_vm_pairs(hosts: dict[str, HostData], statements: Statements, source: s
                 vm.instant[col] = (vm.instant.get(col) or 0.0) + v
             else:
                 vm.instant.setdefault(col, None)
+
+
+# What the tracepoints' format files name reasons (MSR_WRITE, PF excp, KVM_EXIT_MMIO, npf): anything else in the
+# isa or reason tag of a series (control characters, markup, a 64 KiB string) is not a reason, and would end up
+# in the summaries.
+REASON_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_ ]{0,63}$")
+ODD_REASONS_NOTE = "exit reason series whose isa or reason tag is not a reason name were left out: {}"
+
+
+def _reason_key(tags: dict[str, str]) -> tuple[str, tuple[str, str]] | None:
+    """(host, (isa, reason)) of a kvm_exit_reason series; None without a host, an isa or a reason."""
+    host, isa, reason = tags.get(T_HOST), tags.get(T_ISA), tags.get(T_REASON)
+    return (host, (isa, reason)) if host and isa and reason else None
+
+
+def _from_window_start(h: HostData, t_first_row: float) -> bool:
+    """Was the series' first row the host's first sample? A reason is written only once seen, so a series whose
+    first row is later was at 0 at the host's first sample in the window."""
+    return h.t_first is None or t_first_row <= h.t_first
+
+
+def merge_exit_reasons(hosts: dict[str, HostData], statements: Statements) -> None:
+    """``exit_reasons`` (first and last row of each host-wide series) into :attr:`HostData.reason_hits`, for the
+    hosts ``fleet_counters`` knows; a count that went down marks :attr:`HostData.reason_reset` (its hits until then:
+    the count since the restart, until ``exit_reason_resets`` says better). Series whose tags are no reason names
+    are left out, and their host's findings say how many."""
+    odd: dict[str, int] = {}
+    for key, (first, last) in first_last(statements).items():
+        where = _reason_key(dict(key))
+        if where is None or where[0] not in hosts or first is None or last is None:
+            continue
+        h, series = hosts[where[0]], where[1]
+        if not all(REASON_NAME.match(name) for name in series):
+            odd[h.host] = odd.get(h.host, 0) + 1
+            continue
+        t0, v0, v1 = finite(first.get(TIME)), finite(first.get(F_COUNT)), finite(last.get(F_COUNT))
+        if t0 is None or v0 is None or v1 is None:
+            continue
+        h.reason_first[series] = (t0, v0)
+        if v1 < v0:
+            h.reason_reset = True
+            h.reason_hits[series] = v1
+        else:
+            h.reason_hits[series] = v1 - (v0 if _from_window_start(h, t0) else 0.0)
+    for name, count in sorted(odd.items()):
+        hosts[name].notes.append(ODD_REASONS_NOTE.format(count))
+
+
+def merge_reason_resets(hosts: dict[str, HostData], statements: Statements) -> None:
+    """``exit_reason_resets`` (the sum of the non-negative increases of each series) for hosts whose counts
+    restarted: the hits of every series of such a host, plus the first count of a series not seen at the host's
+    first sample."""
+    for stmt in statements:
+        for s in stmt:
+            where, row = _reason_key(s.tags), _row(s)
+            if where is None or where[0] not in hosts or row is None:
+                continue
+            h, series = hosts[where[0]], where[1]
+            increase = finite(row.get(F_COUNT))
+            if increase is None or series not in h.reason_first:  # only the series exit_reasons accepted
+                continue
+            t0, v0 = h.reason_first[series]
+            h.reason_hits[series] = increase + (0.0 if _from_window_start(h, t0) else v0)
 
 
 def _host_rows(statements: Statements) -> list[tuple[str, dict[str, Any]]]:

@@ -65,6 +65,11 @@ class HostData:
     vms: dict[str, VMData] = field(default_factory=dict)
     reset: bool = False
     notes: list[str] = field(default_factory=list)
+    # kvm_exit_reason (host-wide): hits of each (isa, reason) between t_first and t_last; empty when the agent does
+    # not count reasons. reason_first: the (time, count) of each series' first row, reason_reset: a count restarted.
+    reason_hits: dict[tuple[str, str], float] = field(default_factory=dict)
+    reason_first: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    reason_reset: bool = False
 
     @property
     def span_s(self) -> float | None:
@@ -99,6 +104,13 @@ class HostData:
 
     def per_vcpu(self, value: float | None) -> float | None:
         return ratio(value, self.vcpus)
+
+    def reason_rates(self) -> dict[tuple[str, str], float]:
+        """Per-second rate of each (isa, reason) over the host's window (empty without reasons or span)."""
+        span = self.span_s
+        if span is None:
+            return {}
+        return {key: max(0.0, hits) / span for key, hits in self.reason_hits.items()}
 
     def fact(self, name: str) -> Any:
         return self.facts.get(name)

@@ -57,6 +57,8 @@ def _evidence_text(evidence: dict[str, Any]) -> str:
 
 
 def _num(v: Any) -> str:
+    if isinstance(v, dict):  # nested evidence (exit reasons): {key: value, ...} without Python's quotes
+        return "{" + ", ".join(f"{k}: {_num(x)}" for k, x in v.items()) + "}"
     if isinstance(v, bool) or v is None:
         return str(v).lower() if isinstance(v, bool) else "n/a"
     if isinstance(v, float):

@@ -9,7 +9,8 @@
 * ``counters.yaml``: what each KVM counter counts (:mod:`.counters`, ``kvmfleet explain``).
 
 Only the portable InfluxQL subset is used (InfluxDB 1.6+, 2.x through ``/query`` with a DBRP mapping, 3.x):
-``first``/``last``/``min``/``mean``, arithmetic between them, ``non_negative_derivative``, subqueries,
+``first``/``last``/``min``/``mean``/``sum``, arithmetic between them, ``non_negative_derivative``,
+``non_negative_difference``, subqueries,
 ``GROUP BY time(), "host"``, ``fill()``; no ``SLIMIT``, ``INTEGRAL``, ``SAMPLE`` or ``SHOW``.
 """
 

@@ -8,6 +8,7 @@ queries and VM columns an audit needs: all of it comes from the registry (a test
 * :mod:`.shadow` -- shadow-paging and the nested-shadow derived from it;
 * :mod:`.tdp` -- tdp-disabled and tdp-unavailable, judged from the facts;
 * :mod:`.threshold` -- emulated-io, irq-injection, insn-emulation, halt-polling: one shape of thresholds;
+* :mod:`.storm` -- exit-reason-storm, judged from the exit reasons (kvm_exit_reason);
 * :mod:`.exitload` -- exit-load, judged over the whole fleet.
 """
 
@@ -20,12 +21,13 @@ from ...querypack import Rule
 from .base import FLEET, HOST, UNKNOWN_VCPUS, FleetRule, HostRule, RuleUnit
 from .exitload import ExitLoad
 from .shadow import ShadowPaging
+from .storm import ExitReasonStorm
 from .tdp import TDPFacts
 from .threshold import EmulatedIO, HaltPolling, InsnEmulation, IrqInjection, ThresholdRule
 
 # In the order the rules are judged and their reasons for not judging a host are listed.
 REGISTRY: tuple[type[HostRule] | type[FleetRule], ...] = (
-    ShadowPaging, TDPFacts, EmulatedIO, IrqInjection, InsnEmulation, HaltPolling, ExitLoad)
+    ShadowPaging, TDPFacts, EmulatedIO, IrqInjection, InsnEmulation, HaltPolling, ExitReasonStorm, ExitLoad)
 
 
 def rule_ids() -> tuple[str, ...]:
@@ -60,7 +62,7 @@ class Units:
 
 
 __all__ = [
-    "FLEET", "HOST", "REGISTRY", "UNKNOWN_VCPUS", "EmulatedIO", "ExitLoad", "FleetRule", "HaltPolling", "HostRule",
-    "InsnEmulation", "IrqInjection", "RuleUnit", "ShadowPaging", "TDPFacts", "ThresholdRule", "Units", "rule_ids",
-    "wanted_rules",
+    "FLEET", "HOST", "REGISTRY", "UNKNOWN_VCPUS", "EmulatedIO", "ExitLoad", "ExitReasonStorm", "FleetRule",
+    "HaltPolling", "HostRule", "InsnEmulation", "IrqInjection", "RuleUnit", "ShadowPaging", "TDPFacts",
+    "ThresholdRule", "Units", "rule_ids", "wanted_rules",
 ]

@@ -40,6 +40,7 @@ class RuleUnit:
     vm_columns: ClassVar[tuple[str, ...]] = ()  # the vm_counters columns its findings name VMs by
     needs_vcpus: ClassVar[bool] = False  # hosts without a vCPU count are listed as not judged
     needs_facts: ClassVar[bool] = False  # the hosts it picks get every kvm_host fact (host_facts)
+    names_exit_reasons: ClassVar[bool] = False  # its findings are about exits: they name the host's top reasons
 
     def __init__(self, rules: Mapping[str, Rule]) -> None:
         self.rule = rules[self.id]

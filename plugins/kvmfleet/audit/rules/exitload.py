@@ -30,6 +30,7 @@ def _vm_exits(span: float | None) -> Callable[[VMData], float | None]:
 class ExitLoad(FleetRule):
     id = "exit-load"
     vm_columns = ("exits",)
+    names_exit_reasons = True
 
     def evaluate_fleet(self, hosts: Mapping[str, HostData]) -> FleetOutcome:
         th = self.rule.thresholds

@@ -2,7 +2,9 @@
 
 The shadow-only counters (mmu_pte_write, mmu_flooded, mmu_pde_zapped, invlpg) move only when KVM shadows guest
 page tables: a host without EPT/NPT, or nested (L2) guests. The evaluation decides which of the two the numbers
-and the facts point at (docs/queries.md walks through every case).
+and the facts point at (docs/queries.md walks through every case). Where the host counts exit reasons, they are a
+second, independent witness (:func:`~kvmfleet.audit.reasons.paging_witness`): the finding says whether they
+corroborate the counters; they never change its severity.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 from ...querypack import Rule
 from ...tdp import TDP_DISABLED, TDP_ENABLED, TDP_UNKNOWN, TDP_UNSUPPORTED
 from ..model import Finding, HostData, Outcome, VMData, ratio
+from ..reasons import SHOWS_ABSENT, SHOWS_BOTH, SHOWS_NEITHER, SHOWS_SHADOW, SHOWS_TDP, PagingWitness, paging_witness
 from .base import HostRule, fmt, ge, ge_or_unknown, known, level, total, vm_rows
 
 SHADOW_FIELDS = ("mmu_pte_write", "mmu_flooded", "mmu_pde_zapped", "invlpg")
@@ -53,6 +56,7 @@ class ShadowPaging(HostRule):
     vm_columns = ("mmu_pte_write", "invlpg", "mmu_flooded", "mmu_pde_zapped", "pf_guest", "nested_run",
                   "mmu_unsync", "exits")
     needs_facts = True
+    names_exit_reasons = True
 
     def __init__(self, rules: Mapping[str, Rule]) -> None:
         super().__init__(rules)
@@ -82,7 +86,42 @@ class ShadowPaging(HostRule):
         severity = level(warning, critical)
         if severity is None:
             return Outcome()
-        return Outcome([self._verdict(self._seen(h, severity, events, per_exit, per_vcpu))])
+        finding = self._verdict(self._seen(h, severity, events, per_exit, per_vcpu))
+        witness = paging_witness(h)
+        if witness is not None:
+            self._witnessed(finding, witness)
+        return Outcome([finding])
+
+    def _witnessed(self, f: Finding, w: PagingWitness) -> None:
+        """What the exit reasons say, in the evidence and the summary; the severity stays (the counters are exact
+        counts of shadow work; the reasons a second witness that may cover less: a restarted agent, a source
+        switched on late)."""
+        evidence = w.evidence()
+        shows = w.shows
+        if f.rule == self.rule.id:
+            corroborates = {SHOWS_SHADOW: "yes", SHOWS_ABSENT: "absent"}.get(shows, "no")
+            evidence["corroborates"] = corroborates
+            text = {
+                SHOWS_SHADOW: f"exit reasons corroborate: {w.numbers(SHOWS_SHADOW)}, no {w.names(SHOWS_TDP)} exits",
+                SHOWS_TDP: f"exit reasons do not corroborate: {w.numbers(SHOWS_TDP)} (guest memory mapped through "
+                           f"EPT/NPT) and no {w.names(SHOWS_SHADOW)} exits",
+                SHOWS_BOTH: f"exit reasons do not corroborate: {w.numbers(SHOWS_TDP)} (guest memory mapped through "
+                            f"EPT/NPT) alongside {w.numbers(SHOWS_SHADOW)}",
+                SHOWS_NEITHER: f"exit reasons do not corroborate: no {w.names(SHOWS_SHADOW)} exits among the "
+                               f"{w.isa} exit reasons",
+                SHOWS_ABSENT: "no kvm_exit reasons for this host (the tracepoint did not fire, or was not counted): "
+                              "the counters are the only witness",
+            }[shows]
+            if corroborates == "no":
+                f.notes.append("the exit reasons contradict the MMU counters: check whether EPT/NPT was switched on "
+                               "or off during the window (module reloaded, facts stale), whether L2 guests run, and "
+                               "whether the agent counted reasons for the whole window")
+        else:  # nested-shadow: L1 on EPT/NPT shows its EPT/NPT exits, L2's shadow work does not exit to L0 as such
+            text = f"exit reasons show {shows}" + (
+                f": {w.numbers(SHOWS_TDP) or w.numbers(SHOWS_SHADOW)}" if shows not in (SHOWS_ABSENT, SHOWS_NEITHER)
+                else "")
+        f.evidence["paging_witness"] = evidence
+        f.summary = f"{f.summary}; {text}"
 
     def _seen(self, h: HostData, severity: str, events: float, per_exit: float | None, per_vcpu: float | None
               ) -> _Seen:

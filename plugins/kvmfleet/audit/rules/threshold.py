@@ -109,6 +109,7 @@ class EmulatedIO(ThresholdRule):
     id = "emulated-io"
     detail_query = "emulated_io"
     vm_columns = ("io_exits", "mmio_exits", "exits")
+    names_exit_reasons = True
     gates = (Need("io", NO_IO), Need("exits", NO_EXITS), Floor("io", "min_per_s"))
     tests = (Test("share", "share"), Test("per_vcpu", "per_vcpu_s", unknown_passes=True))
 
@@ -138,6 +139,7 @@ class IrqInjection(ThresholdRule):
     detail_query = "irq_injection"
     vm_columns = ("irq_injections", "io_exits", "mmio_exits")
     needs_vcpus = True
+    names_exit_reasons = True
     gates = (Need("inj", "irq_injections is not reported"), Floor("inj", "min_per_s"), Need("io_per", NO_IO),
              Need("per_vcpu", UNKNOWN_VCPUS))
     tests = (Test("per_vcpu", "per_vcpu_s"), Test("io_per", "io_per_injection"))
@@ -167,6 +169,7 @@ class InsnEmulation(ThresholdRule):
     id = "insn-emulation"
     detail_query = "insn_emulation"
     vm_columns = ("insn_emulation", "mmio_exits", "exits")
+    names_exit_reasons = True
     gates = (Need("insn", "insn_emulation is not reported"), Need("exits", NO_EXITS), Floor("insn", "min_per_s"))
     tests = (Test("per_exit", "per_exit"), Test("per_vcpu", "per_vcpu_s", unknown_passes=True))
 
