@@ -29,15 +29,24 @@ def _regex(text: str) -> re.Pattern[str]:
         raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {err}") from err
 
 
+def _live_view_wanted(args: argparse.Namespace) -> bool:
+    """The full-screen view is for an operator at a terminal; -n (print and exit), --json, --plain and output
+    to a pipe or file keep the plain samples."""
+    return not (args.json or args.plain or args.count) and sys.stdout.isatty() and sys.stdin.isatty()
+
+
 def cmd_stat(args: argparse.Namespace) -> int:
     from .collector import Collector, rates
     from .sources import make_source
     from .statview import sample_json, sample_text
 
+    live = _live_view_wanted(args)
     source = make_source(args.source, libvirt_uri=args.libvirt_uri)
     collector = Collector(source)
     printed, prev = 0, None
     try:
+        if live:
+            return _live_view(args, collector)
         while True:
             sample = collector.sample()
             rate = rates(prev, sample) if prev is not None else None
@@ -46,7 +55,8 @@ def cmd_stat(args: argparse.Namespace) -> int:
                 obj = sample_json(sample, rate, sources, vcpus=args.vcpu, pattern=args.fields)
                 print(json.dumps(obj, sort_keys=False), flush=True)
             else:
-                print(sample_text(sample, rate, sources, per_vm=args.vm, vcpus=args.vcpu, pattern=args.fields))
+                print(sample_text(sample, rate, sources, per_vm=args.vm, vcpus=args.vcpu, pattern=args.fields,
+                                  prev=prev))
                 print(flush=True)
             printed += 1
             if args.count and printed >= args.count:
@@ -57,6 +67,21 @@ def cmd_stat(args: argparse.Namespace) -> int:
         return 0
     finally:
         collector.close()
+
+
+def _live_view(args: argparse.Namespace, collector: Any) -> int:
+    from .livescreen import run
+    from .liveview import LiveModel
+
+    model = LiveModel(interval=args.interval, pattern=args.fields)
+    model.drill = args.vcpu
+
+    def sample() -> Any:
+        taken = collector.sample()
+        model.sources = collector.source.sources_used()
+        return taken
+
+    return run(model, sample)
 
 
 def cmd_facts(args: argparse.Namespace) -> int:
@@ -137,6 +162,9 @@ def _add_stat(sub: Any) -> None:
     stat.add_argument("--libvirt-uri", default=DEFAULT_URI, metavar="URI",
                       help=f"libvirt connection of the libvirt source (default {DEFAULT_URI})")
     stat.add_argument("--json", action="store_true", help="one JSON object per sample")
+    stat.add_argument("--plain", action="store_true",
+                      help="print samples as text even on a terminal (without -n, --json or --plain, a terminal "
+                           "gets the live full-screen view: press h there for its keys)")
     stat.set_defaults(func=cmd_stat)
 
 
