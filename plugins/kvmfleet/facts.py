@@ -3,7 +3,8 @@
 :func:`gather` reads ``/proc`` and ``/sys`` (through a ``root`` prefix, so tests can point it at a fake
 tree) and returns a :class:`HostFacts`: CPU vendor and virtualization flags, the loaded KVM backend and
 its parameters, ``/dev/kvm``, kernel lockdown, debugfs, privileges, what the host has for capacity (CPUs online,
-memory, KVM's halt-polling and ``nx_huge_pages`` parameters), and the TDP verdict of :mod:`kvmfleet.tdp`:
+memory, KVM's halt-polling and ``nx_huge_pages`` parameters), whether exits can be counted by reason
+(:func:`kvmfleet.exitreasons.facts_group`), and the TDP verdict of :mod:`kvmfleet.tdp`:
 do the VMs on this host run with two-dimensional paging (Intel EPT / AMD NPT) or on shadow paging? The verdict
 matters when reading counters: ``mmu_pte_write``, ``mmu_flooded``, ``mmu_unsync`` and ``invlpg`` only move under
 shadow paging (or for nested L2 guests), see ``docs/queries.md`` (the shadow-paging rule).
@@ -105,6 +106,8 @@ class HostFacts:
     # Which stats sources can work here and why not: filled in by the CLI (another module).
     sources: dict[str, dict[str, Any]] = field(default_factory=dict)
     # libvirt: uri, library/daemon/hypervisor versions, vm_stats_group, usable, reason (filled in by the CLI).
+    # Exit reasons (kvmfleet.exitreasons.facts_group): usable, reason, mechanism it would use, tracepoints found.
+    exit_reasons: dict[str, Any] = field(default_factory=dict)
     libvirt: dict[str, Any] = field(default_factory=dict)
     # fact key -> why it is unknown.
     why_unknown: dict[str, str] = field(default_factory=dict)
@@ -546,6 +549,13 @@ def _gather_confinement(facts: HostFacts, root: str, fields: dict[str, str], why
         facts.why_unknown["pid_ns_host"] = "no NSpid line in proc/self/status and no proc/self/ns/pid"
 
 
+def _gather_exit_reasons(facts: HostFacts, root: str) -> None:
+    """Whether exits by reason can be counted here (perf and tracefs are tried on the live host only)."""
+    from .exitreasons import facts_group  # opens perf events: only when facts are gathered
+
+    facts.exit_reasons = facts_group(root or "/")
+
+
 # --------------------------------------------------------------------------------------------------
 # Public entry points.
 
@@ -563,6 +573,7 @@ def gather(root: str = "/") -> HostFacts:
         ("lockdown", _gather_lockdown),
         ("yama_ptrace_scope", _gather_yama),
         ("status", _gather_status),
+        ("exit_reasons", _gather_exit_reasons),
     )
     for name, step in steps:
         try:
@@ -650,6 +661,12 @@ def format_text(facts: HostFacts) -> str:
             ("libvirt VM stats group", _show(lv.get("vm_stats_group"))),
             ("libvirt usable", f"{_show(lv.get('usable'))}: {lv.get('reason') or '-'}"),
         ]
+    if facts.exit_reasons:
+        reasons = facts.exit_reasons
+        rows.append(("exit reasons", f"usable={_show(reasons.get('usable'))} "
+                                     f"mechanism={reasons.get('mechanism') or '-'} "
+                                     f"tracepoints={_show(reasons.get('tracepoints'))}"
+                     + (f": {reasons['reason']}" if reasons.get("reason") else "")))
     for name, info in sorted(facts.sources.items()):
         rows.append((f"source {name}", ", ".join(f"{k}={_show(v)}" for k, v in info.items()) or "-"))
     for key, why in sorted(facts.why_unknown.items()):

@@ -795,3 +795,75 @@ def test_capacity_facts_of_the_real_machine() -> None:
     nx_path = params / "nx_huge_pages"
     expected = {"Y": True, "N": False, "never": False}[nx_path.read_text().strip()] if nx_path.exists() else None
     assert f.nx_huge_pages is expected
+
+
+# --- exit reasons (kvmfleet.exitreasons.facts_group) ----------------------------------------------
+
+TRACEFMT = Path(__file__).resolve().parent.parent / "data" / "tracefmt"
+
+
+def tracing_tree(root: Path, *, tracepoints: tuple[str, ...] = ("kvm_exit", "kvm_userspace_exit"),
+                 paranoid: str = "2\n", status: str = STATUS_ROOT, lockdown: str | None = None) -> str:
+    for name in tracepoints:
+        write(root, f"sys/kernel/tracing/events/kvm/{name}/format", (TRACEFMT / f"{name}.format").read_text())
+    os.makedirs(root / "sys/kernel/tracing/events", exist_ok=True)
+    write(root, "proc/sys/kernel/perf_event_paranoid", paranoid)
+    write(root, "proc/self/status", status)
+    if lockdown is not None:
+        write(root, "sys/kernel/security/lockdown", lockdown)
+    return str(root)
+
+
+def test_exit_reasons_usable_in_a_fake_tree_is_not_tried(tmp_path: Path) -> None:
+    group = F.gather(tracing_tree(tmp_path)).exit_reasons
+    # Root (CAP_SYS_ADMIN) with paranoid 2: fine; nothing is opened in a fake tree, so no mechanism is named.
+    assert group == {"usable": True, "reason": "", "mechanism": None,
+                     "tracepoints": ["kvm:kvm_exit", "kvm:kvm_userspace_exit"]}
+
+
+def test_exit_reasons_without_tracefs(tmp_path: Path) -> None:
+    group = F.gather(str(tmp_path)).exit_reasons
+    assert group["usable"] is False and group["tracepoints"] == []
+    assert group["reason"].startswith("no tracefs: mount it (mount -t tracefs nodev /sys/kernel/tracing)")
+
+
+def test_exit_reasons_lockdown_confidentiality(tmp_path: Path) -> None:
+    group = F.gather(tracing_tree(tmp_path, lockdown="none integrity [confidentiality]\n")).exit_reasons
+    assert group["usable"] is False and group["reason"].startswith("kernel lockdown is 'confidentiality'")
+
+
+def test_exit_reasons_kvm_not_loaded(tmp_path: Path) -> None:
+    group = F.gather(tracing_tree(tmp_path, tracepoints=())).exit_reasons
+    assert group["usable"] is False and group["tracepoints"] == []
+    assert "the kvm tracepoints are missing" in group["reason"] and "kvm module loaded?" in group["reason"]
+
+
+def test_exit_reasons_paranoid_without_capability(tmp_path: Path) -> None:
+    group = F.gather(tracing_tree(tmp_path, status=STATUS_USER)).exit_reasons
+    assert group["usable"] is False
+    assert group["reason"].startswith("perf_event_paranoid is 2 (> 0: CPU-wide perf events need CAP_PERFMON")
+    assert "CapEff 0000000000000000" in group["reason"]
+    allowed = F.gather(tracing_tree(tmp_path / "p0", status=STATUS_USER, paranoid="0\n")).exit_reasons
+    assert allowed["usable"] is True
+
+
+def test_exit_reasons_garbled_format(tmp_path: Path) -> None:
+    root = tracing_tree(tmp_path)
+    write(tmp_path, "sys/kernel/tracing/events/kvm/kvm_exit/format", "name: kvm_exit\nID: 1\n")
+    group = F.gather(root).exit_reasons
+    assert group["usable"] is False and "kvm_exit/format: format of kvm_exit has no field" in group["reason"]
+
+
+def test_exit_reasons_in_text_and_json(tmp_path: Path) -> None:
+    f = F.gather(str(tmp_path))
+    assert json.loads(json.dumps(f.to_dict()))["exit_reasons"]["usable"] is False
+    assert re.search(r"^exit reasons: +usable=no mechanism=- tracepoints=-: no tracefs", F.format_text(f), re.M)
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/kernel/debug/tracing/events/kvm/kvm_exit/format")
+                    or os.geteuid() != 0, reason="needs root and the kvm tracepoints")
+def test_exit_reasons_of_the_real_machine() -> None:
+    group = F.gather("/").exit_reasons
+    assert group["usable"] is True, group["reason"]
+    assert group["mechanism"] in ("bpf", "perf-count")
+    assert group["tracepoints"] == ["kvm:kvm_exit", "kvm:kvm_userspace_exit"]
