@@ -41,6 +41,15 @@ def cmd_stat(args: argparse.Namespace) -> int:
     from .statview import sample_json, sample_text
 
     live = _live_view_wanted(args)
+    if live:
+        from .livescreen import terminal_problem
+        from .textsafe import one_line
+
+        problem = terminal_problem()
+        if problem is not None:  # still useful: the plain samples
+            print(f"kvmfleet stat: no live view on this terminal: {one_line(problem)}; printing samples",
+                  file=sys.stderr)
+            live = False
     source = make_source(args.source, libvirt_uri=args.libvirt_uri)
     reasons = None
     if args.reasons:

@@ -209,6 +209,15 @@ def _run(win: curses.window, model: LiveModel, sample: Callable[[], Sample]) -> 
             next_at = time.monotonic() + model.interval
 
 
+def terminal_problem() -> str | None:
+    """Why curses cannot drive this terminal (TERM unset or unknown to terminfo), None when it can."""
+    try:
+        curses.setupterm()
+    except curses.error as err:
+        return f"{err} (TERM={os.environ.get('TERM', '')!r})"
+    return None
+
+
 def run(model: LiveModel, sample: Callable[[], Sample]) -> int:
     """Run the live view until q (status 0) or Ctrl-C (0 too); ``sample`` takes the next sample."""
     os.environ.setdefault("ESCDELAY", "25")  # Esc answers at once, not after curses' default second
