@@ -120,8 +120,11 @@ def prompt_line(win: curses.window, y: int, question: str) -> str | None:
         pass
     try:
         while True:
-            win.move(y, 0) if y < win.getmaxyx()[0] else None
-            win.clrtoeol()
+            try:
+                win.move(y, 0)
+                win.clrtoeol()
+            except curses.error:
+                pass  # a terminal smaller than the header: the prompt is typed blind
             _put(win, y, question + text)
             win.refresh()
             key = win.get_wch()
@@ -151,13 +154,13 @@ def handle_key(model: LiveModel, key: int, prompt: Prompt) -> bool:
             model.set_filter(text)
     elif char == "c":
         model.clear_filter()
-    elif char in "gp" and char:
+    elif char in ("g", "p"):
         text = prompt("VM name or pid (empty: the host): ")
         if text is not None:
             model.pick(text)
     elif key == ESC:
         model.host()
-    elif char in "vx" and char:
+    elif char in ("v", "x"):
         model.toggle_drill()
     elif char == "i":
         model.toggle_idle()

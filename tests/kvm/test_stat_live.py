@@ -141,8 +141,8 @@ def moving(screen: Screen) -> bool:
     return screen.header.startswith("kvmfleet stat - host") and bool(rows) and all(r.rate for r in rows)
 
 
-def quit_and_check_restored(term: Tmux, tmp_path: Path) -> None:
-    term.keys("q")
+def quit_and_check_restored(term: Tmux, tmp_path: Path, key: str = "q") -> None:
+    term.keys(key)
     status = wait_for("kvmfleet stat's exit status", lambda: (tmp_path / "status").is_file()
                       and (tmp_path / "stty.after").is_file() and (tmp_path / "stty.after").read_text(), DEADLINE)
     assert status and (tmp_path / "status").read_text() == "0\n"
@@ -221,6 +221,16 @@ def test_live_view_sorted_filtered_per_vm_per_vcpu_idle_and_quit(tmux: Tmux, gue
     tmux.keys("Escape")
     until(tmux, "the host view again", lambda s: s.header.startswith("kvmfleet stat - host  "))
     assert tmux.pane("#{history_size}") == history
+
+    # resized: laid out again at the new size; a terminal too small for a row does not end the view
+    tmux.tmux("resize-window", "-t", "live", "-x", "60", "-y", "12")
+    screen = until(tmux, "the view at 60x12", lambda s: len(s.lines) == 12 and s.header.startswith("kvmfleet stat")
+                   and "exits" in s.names())
+    assert all(len(line) < 60 for line in screen.lines)
+    tmux.tmux("resize-window", "-t", "live", "-x", "12", "-y", "2")
+    until(tmux, "the view at 12x2", lambda s: s.lines[0] == "kvmfleet st")
+    tmux.tmux("resize-window", "-t", "live", "-x", str(WIDTH), "-y", str(HEIGHT))
+    until(tmux, "the view at full size", lambda s: len(s.lines) == HEIGHT and "exits" in s.names())
     quit_and_check_restored(tmux, tmp_path)
 
 
@@ -256,7 +266,7 @@ def test_live_view_with_reasons(tmux: Tmux, guests, tmp_path: Path):
     until(tmux, "the filter prompt", lambda s: s.lines[2].startswith("filter (regex):"))
     tmux.type_line(r"\(")
     until(tmux, "only reason rows", lambda s: s.names() == [io])
-    quit_and_check_restored(tmux, tmp_path)
+    quit_and_check_restored(tmux, tmp_path, "C-c")  # Ctrl-C ends it as cleanly as q
 
 
 def test_stat_json_reasons_in_host_and_vm_objects(guests):
