@@ -184,8 +184,8 @@ class PerfCountCounter(ExitCounter):
         per_pid: dict[int, Counts] = {}
         for pid in sorted(asked):
             proc = self._procs.get(pid)
-            if proc is not None and proc.start_time != procfs.start_time(pid) and proc.start_time is not None:
-                self._forget(pid)  # the pid now names another process
+            if proc is not None and procfs.start_time(pid) not in (None, proc.start_time):
+                self._forget(pid)  # the pid now names another process (gone: its counts stay readable)
                 proc = None
             if proc is None and pid not in self._refused:
                 proc = self._open_process(pid)

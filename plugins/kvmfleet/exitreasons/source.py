@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import errno
 import importlib
+import inspect
 import logging
 import os
 import re
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -104,8 +106,8 @@ def counted_reasons(formats: dict[str, TracepointFormat], isa: int | None) -> li
 
 
 class ExitReasonSource:
-    """Exits by reason, host-wide and (``per_vm``) per VM; see the module docstring. Construction never raises:
-    :meth:`usability` says whether it counts and why not."""
+    """Exits by reason, host-wide and (``per_vm``) per VM; see the module docstring. Construction raises only
+    on an unknown ``mechanism`` (ValueError, a config error); otherwise :meth:`usability` says whether it counts."""
 
     def __init__(self, *, per_vm: bool = False, mechanism: str = "auto", max_fds: int = 4096,
                  say: SayOnce | None = None, root: str | None = None) -> None:
@@ -133,7 +135,9 @@ class ExitReasonSource:
                                            for path, field_name in TRACEPOINTS]
             try:
                 bpf: Any = importlib.import_module(".bpf", __package__)
-                counter: ExitCounter = bpf.BpfExitCounter(specs, per_process=self.per_vm)
+                takes_say = "say" in inspect.signature(bpf.BpfExitCounter).parameters  # lost hits said once
+                counter: ExitCounter = bpf.BpfExitCounter(specs, per_process=self.per_vm,
+                                                          **({"say": self._say} if takes_say else {}))
                 return counter
             except (ImportError, OSError) as err:
                 if mechanism == "bpf":
@@ -165,7 +169,7 @@ class ExitReasonSource:
         by_pid = self._attributable(vms) if self.per_vm else {}
         try:
             host, per_pid = self._counter.read(list(by_pid))
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, struct.error) as err:  # struct.error: a short read of a count
             self._fail(f"exit reasons stopped: {self.mechanism_name} failed ({err})")
             return ExitReasonReading()
         reading = ExitReasonReading()
@@ -176,8 +180,9 @@ class ExitReasonSource:
         return reading
 
     def _attributable(self, vms: Sequence[VMKey]) -> dict[int, VMKey]:
-        """The pid of each VM that per-VM counts can be given to: its VMKey still names the running process,
-        and that process holds no other VM of ``vms``."""
+        """The pid of each VM that per-VM counts can be given to: its VMKey still names the process of that pid
+        (or the process is gone: the counts of a VMM that exited stay readable while it is asked about), and that
+        process holds no other VM of ``vms``."""
         keys_by_pid: dict[int, set[VMKey]] = {}
         for key in vms:
             keys_by_pid.setdefault(key.pid, set()).add(key)
@@ -192,7 +197,7 @@ class ExitReasonSource:
                 started = procfs.start_time(pid)
             except OSError:
                 started = None
-            if started == key.start_time:
+            if started in (None, key.start_time):  # gone: the counts its events kept, if any
                 by_pid[pid] = key
         return by_pid
 
@@ -235,8 +240,9 @@ def probe(root: str | None = None, *, fs_root: str = "/") -> Usability:
     live = os.path.abspath(fs_root) == "/"
     lockdown = re.search(r"\[(\w+)\]", _read_text(path(LOCKDOWN_FILE)) or "")
     if lockdown and lockdown.group(1) == "confidentiality":
-        return Usability(False, "kernel lockdown is 'confidentiality': it locks tracefs and perf's tracepoints "
-                                "(boot with lockdown=integrity or none to count exit reasons)")
+        return Usability(False, "kernel lockdown is 'confidentiality': it locks tracefs, where the tracepoints' "
+                                "ids and reason names are read (boot with lockdown=integrity or none to count exit "
+                                "reasons)")
     if root is None:
         candidates = [path("sys/kernel/tracing"), path("sys/kernel/debug/tracing")]
         root = next((c for c in candidates if os.path.isdir(os.path.join(c, "events"))), None)
