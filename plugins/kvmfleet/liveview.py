@@ -68,6 +68,7 @@ class _Scope:
     reasons: ReasonCounts | None = None
     reason_rates: dict[str, dict[str, float]] = field(default_factory=dict)
     reason_base: ReasonCounts | None = None
+    has_rates: bool = False  # a previous sample of this scope exists: a missing rate means none, not "not yet"
 
 
 def _is_event(desc: StatDesc | None) -> bool:
@@ -205,7 +206,7 @@ class LiveModel:
         return _Scope(self.cur.host, self.cur.host_descs, self.rates.host if self.rates else {},
                       base.host if base else {}, self.cur.exit_reasons,
                       self._reason_rates(self.cur.exit_reasons, self.prev.exit_reasons if self.prev else None),
-                      base.exit_reasons if base else None)
+                      base.exit_reasons if base else None, self.rates is not None)
 
     def _vm_scope(self, vm: VMSample) -> _Scope:
         key = vm.identity.key
@@ -214,17 +215,18 @@ class LiveModel:
         return _Scope(vm.stats, vm.descs, self.rates.vms.get(key, {}) if self.rates else {},
                       base.stats if base else {}, vm.exit_reasons,
                       self._reason_rates(vm.exit_reasons, before.exit_reasons if before else None),
-                      base.exit_reasons if base else None)
+                      base.exit_reasons if base else None, self.rates is not None and key in self.rates.vms)
 
     def _vcpu_scopes(self, vm: VMSample) -> list[tuple[str, _Scope]]:
         key = vm.identity.key
         base = self._vm(key, self._base) if self._base is not None else None
         return [(f"vcpu {vcpu}", _Scope(stats, vm.descs, self.rates.vcpus.get((key, vcpu), {}) if self.rates else {},
-                                        base.vcpus.get(vcpu, {}) if base else {}))
+                                        base.vcpus.get(vcpu, {}) if base else {},
+                                        has_rates=self.rates is not None and (key, vcpu) in self.rates.vcpus))
                 for vcpu, stats in sorted(vm.vcpus.items())]
 
-    def _idle(self, row: Row) -> bool:
-        if self.rates is None:  # no rate yet: what never counted is idle
+    def _idle(self, row: Row, scope: _Scope) -> bool:
+        if not scope.has_rates:  # no rate yet (the first sample, a new VM): what never counted is idle
             return row.total == 0
         return not row.rate
 
@@ -239,15 +241,20 @@ class LiveModel:
             scope = self._host_scope()
             children = [(for_terminal(shortened(vm.identity.name, NAME_CHARS)), self._vm_scope(vm))
                         for vm in self.cur.vms] if self.drill else []
+        # each child's rows once, by name: a drill-down over many VMs stays linear in VMs x counters
+        child_rows = [(label, child, {row.name: row for row in self._counter_rows(child) + self._reason_rows(child)})
+                      for label, child in children]
         out: list[Row] = []
-        for row in self._sorted(self._counter_rows(scope) + self._reason_rows(scope)):
+        for row in self._sorted(self._counter_rows(scope) + self._reason_rows(scope), scope):
             out.append(row)
-            kids = [self._child(label, child, row) for label, child in children]
-            out += self._sorted([kid for kid in kids if kid is not None])
+            kids = [(self._child(label, mine[row.name], row), child) for label, child, mine in child_rows
+                    if row.name in mine]
+            out += sorted((kid for kid, child in kids if self.show_idle or not self._idle(kid, child)),
+                          key=lambda kid: _sort_key(kid, self.by_total))
         return out
 
-    def _sorted(self, rows: list[Row]) -> list[Row]:
-        return sorted((row for row in rows if self.show_idle or not self._idle(row)),
+    def _sorted(self, rows: list[Row], scope: _Scope) -> list[Row]:
+        return sorted((row for row in rows if self.show_idle or not self._idle(row, scope)),
                       key=lambda row: _sort_key(row, self.by_total))
 
     def _shown(self, name: str) -> bool:
@@ -280,13 +287,9 @@ class LiveModel:
                 rows.append(Row(for_terminal(name), max(0, count - base.get(reason, 0)), rate, percent))
         return rows
 
-    def _child(self, label: str, scope: _Scope, parent: Row) -> Row | None:
-        """``parent``'s counter in a VM or vCPU (None where that scope has no such counter)."""
-        counters = [row for row in self._counter_rows(scope) if row.name == parent.name] + \
-            [row for row in self._reason_rows(scope) if row.name == parent.name]
-        if not counters:
-            return None
-        mine = counters[0]
+    @staticmethod
+    def _child(label: str, mine: Row, parent: Row) -> Row:
+        """A VM's or vCPU's ``mine`` row of ``parent``'s counter, as a share of the parent's rate."""
         percent = 100.0 * mine.rate / parent.rate if mine.rate is not None and parent.rate else None
         return Row(label, mine.total, mine.rate, percent, child=True)
 
