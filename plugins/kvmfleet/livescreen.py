@@ -8,12 +8,14 @@ for a line cuts it, never fails (every write guards ``curses.error``).
 from __future__ import annotations
 
 import curses
+import logging
 import os
 import time
 from typing import Callable, Optional
 
 from .collector import Sample
 from .liveview import LiveModel, Row, VMRow
+from .textsafe import one_line
 
 KEYS = "q quit  f filter  c clear  g VM  l VMs  v vCPUs  i idle  o sort  r reset  s interval  h help"
 HELP = [
@@ -221,10 +223,33 @@ def terminal_problem() -> str | None:
     return None
 
 
+class _LogToView(logging.Handler):
+    """While the view runs, a log line written to stderr would scribble over the screen: it goes to the view's
+    message line instead, and to the handlers it was meant for once the terminal is back."""
+
+    def __init__(self, model: LiveModel) -> None:
+        super().__init__()
+        self.model = model
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.model.message = one_line(record.getMessage())
+
+
 def run(model: LiveModel, sample: Callable[[], Sample]) -> int:
     """Run the live view until q (status 0) or Ctrl-C (0 too); ``sample`` takes the next sample."""
     os.environ.setdefault("ESCDELAY", "25")  # Esc answers at once, not after curses' default second
+    root = logging.getLogger()
+    meant_for, to_view = root.handlers[:], _LogToView(model)
+    root.handlers = [to_view]
     try:
         return curses.wrapper(_run, model, sample)
     except KeyboardInterrupt:
         return 0
+    finally:
+        root.handlers = meant_for
+        for record in to_view.records[-100:]:  # the last ones: a view left running for days logs a lot
+            for handler in meant_for:
+                if record.levelno >= handler.level:
+                    handler.handle(record)

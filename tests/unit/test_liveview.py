@@ -322,3 +322,26 @@ def test_a_new_vm_shows_what_it_counted_before_it_has_a_rate():
     # the host's rate counts db's history as it joins the totals (kvmfleet.collector): (90 - 31) / 2 s
     assert [(r.name, r.total, r.rate) for r in model.rows()][:3] == [("exits", 35 + 36 + 19, 29.5),
                                                                      ("web", 71, 20.0), ("db", 19, None)]
+
+
+def test_log_lines_go_to_the_message_line_while_the_view_runs(monkeypatch, caplog):
+    """A warning written to stderr under curses would scribble over the screen: it is the message line instead,
+    and reaches the log's handlers once the terminal is back."""
+    import curses
+    import logging
+
+    from kvmfleet import livescreen
+
+    model = fleet()
+    seen = []
+
+    def wrapper(func, *args):
+        logging.getLogger("kvmfleet").warning("statsfd: pid 9 \x1b[2J skipped")
+        seen.append((model.message, [r.getMessage() for r in caplog.records]))
+        return 0
+
+    monkeypatch.setattr(curses, "wrapper", wrapper)
+    with caplog.at_level(logging.WARNING):
+        assert livescreen.run(model, lambda: Sample(0, 0.0, "x", {}, {}, [])) == 0
+    assert seen == [("statsfd: pid 9 \\x1b[2J skipped", [])]  # on the screen, not (yet) in the log
+    assert [r.getMessage() for r in caplog.records] == ["statsfd: pid 9 \x1b[2J skipped"]
