@@ -29,24 +29,51 @@ def _regex(text: str) -> re.Pattern[str]:
         raise argparse.ArgumentTypeError(f"invalid regular expression {text!r}: {err}") from err
 
 
+def _live_view_wanted(args: argparse.Namespace) -> bool:
+    """The full-screen view is for an operator at a terminal; -n (print and exit), --json, --plain and output
+    to a pipe or file keep the plain samples."""
+    return not (args.json or args.plain or args.count) and sys.stdout.isatty() and sys.stdin.isatty()
+
+
 def cmd_stat(args: argparse.Namespace) -> int:
     from .collector import Collector, rates
     from .sources import make_source
     from .statview import sample_json, sample_text
 
+    live = _live_view_wanted(args)
+    if live:
+        from .livescreen import terminal_problem
+        from .textsafe import one_line
+
+        problem = terminal_problem()
+        if problem is not None:  # still useful: the plain samples
+            print(f"kvmfleet stat: no live view on this terminal: {one_line(problem)}; printing samples",
+                  file=sys.stderr)
+            live = False
     source = make_source(args.source, libvirt_uri=args.libvirt_uri)
-    collector = Collector(source)
+    reasons = None
+    if args.reasons:
+        from .exitreasons import ExitReasonSource
+
+        # per VM where VMs are shown: the live view can pick one at any time
+        reasons = ExitReasonSource(per_vm=args.vm or args.vcpu or live)
+    collector = Collector(source, reasons=reasons)
     printed, prev = 0, None
     try:
+        if live:
+            return _live_view(args, collector)
         while True:
             sample = collector.sample()
             rate = rates(prev, sample) if prev is not None else None
             sources = source.sources_used()
+            reasons_state = reasons.usability() if reasons is not None else None
             if args.json:
-                obj = sample_json(sample, rate, sources, vcpus=args.vcpu, pattern=args.fields)
+                obj = sample_json(sample, rate, sources, vcpus=args.vcpu, pattern=args.fields,
+                                  reasons_state=reasons_state)
                 print(json.dumps(obj, sort_keys=False), flush=True)
             else:
-                print(sample_text(sample, rate, sources, per_vm=args.vm, vcpus=args.vcpu, pattern=args.fields))
+                print(sample_text(sample, rate, sources, per_vm=args.vm, vcpus=args.vcpu, pattern=args.fields,
+                                  prev=prev, reasons_state=reasons_state))
                 print(flush=True)
             printed += 1
             if args.count and printed >= args.count:
@@ -57,6 +84,23 @@ def cmd_stat(args: argparse.Namespace) -> int:
         return 0
     finally:
         collector.close()
+
+
+def _live_view(args: argparse.Namespace, collector: Any) -> int:
+    from .livescreen import run
+    from .liveview import LiveModel
+
+    model = LiveModel(interval=args.interval, pattern=args.fields)
+    model.drill = args.vcpu
+
+    def sample() -> Any:
+        taken = collector.sample()
+        model.sources = collector.source.sources_used()
+        if collector.reasons is not None:
+            model.reasons_state = collector.reasons.usability()
+        return taken
+
+    return run(model, sample)
 
 
 def cmd_facts(args: argparse.Namespace) -> int:
@@ -137,6 +181,12 @@ def _add_stat(sub: Any) -> None:
     stat.add_argument("--libvirt-uri", default=DEFAULT_URI, metavar="URI",
                       help=f"libvirt connection of the libvirt source (default {DEFAULT_URI})")
     stat.add_argument("--json", action="store_true", help="one JSON object per sample")
+    stat.add_argument("--reasons", action="store_true",
+                      help="also count exits by reason (kvm:kvm_exit, kvm:kvm_userspace_exit tracepoints), like "
+                           "kvm_stat -t; per VM with --vm, --vcpu or in the live view (docs/exit-reasons.md)")
+    stat.add_argument("--plain", action="store_true",
+                      help="print samples as text even on a terminal (without -n, --json or --plain, a terminal "
+                           "gets the live full-screen view: press h there for its keys)")
     stat.set_defaults(func=cmd_stat)
 
 

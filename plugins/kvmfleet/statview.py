@@ -7,7 +7,7 @@ import socket
 from typing import Any
 
 from .collector import Rates, Sample, VMSample
-from .model import Stats, Usability, Value
+from .model import ReasonCounts, Stats, Usability, Value
 from .textsafe import for_terminal, one_line, shortened
 
 NAME_CHARS = 200  # a VM name longer than this is cut in text output (a guest owner chooses it)
@@ -31,8 +31,28 @@ def _json_rates(rates: dict[str, float], pattern: re.Pattern[str] | None) -> dic
     return {name: round(rate, 3) for name, rate in sorted(rates.items()) if not pattern or pattern.search(name)}
 
 
+def reason_rates(prev: ReasonCounts | None, cur: ReasonCounts | None, interval_s: float) -> dict[str, dict[str, float]]:
+    """Exits per second by tracepoint and reason between two readings of the reasons source. A reason missing
+    from ``prev`` had not been seen (counted 0); a count that went down (the source restarted counting) has no
+    rate rather than a wrong one."""
+    if prev is None or cur is None or interval_s <= 0:
+        return {}
+    out: dict[str, dict[str, float]] = {}
+    for tracepoint, counts in cur.items():
+        before = prev.get(tracepoint, {})
+        out[tracepoint] = {reason: (count - before.get(reason, 0)) / interval_s
+                           for reason, count in counts.items() if count >= before.get(reason, 0)}
+    return out
+
+
+def _json_reasons(counts: ReasonCounts | None) -> dict[str, dict[str, int]]:
+    return {tracepoint: dict(sorted(reasons.items())) for tracepoint, reasons in sorted((counts or {}).items())}
+
+
 def sample_json(sample: Sample, rates: Rates | None, sources: dict[str, Usability], *, vcpus: bool,
-                pattern: re.Pattern[str] | None) -> dict[str, Any]:
+                pattern: re.Pattern[str] | None, reasons_state: Usability | None = None) -> dict[str, Any]:
+    """One sample as a JSON object. With a reasons source on, ``exit_reasons`` (tracepoint -> reason -> count)
+    in it and in each VM the source counts, and ``exit_reasons_source`` says whether it can count."""
     vms = []
     for vm in sample.vms:
         key = vm.identity.key
@@ -48,6 +68,8 @@ def sample_json(sample: Sample, rates: Rates | None, sources: dict[str, Usabilit
         }
         if rates is not None:
             entry["rates"] = _json_rates(rates.vms.get(key, {}), pattern)
+        if vm.exit_reasons is not None:  # the reasons source counts per VM
+            entry["exit_reasons"] = _json_reasons(vm.exit_reasons)
         if vcpus:
             entry["vcpus"] = [
                 {"id": vcpu, "stats": _json_stats(stats, pattern),
@@ -55,7 +77,7 @@ def sample_json(sample: Sample, rates: Rates | None, sources: dict[str, Usabilit
                 for vcpu, stats in sorted(vm.vcpus.items())
             ]
         vms.append(entry)
-    return {
+    obj = {
         "time_ns": sample.time_ns,
         "hostname": socket.gethostname(),
         "source": sample.source,
@@ -67,6 +89,11 @@ def sample_json(sample: Sample, rates: Rates | None, sources: dict[str, Usabilit
         "vms": vms,
         "refused": [{"name": ident.name, "pid": ident.key.pid, "vm_fd": ident.key.vm_fd} for ident in sample.refused],
     }
+    if sample.exit_reasons is not None:  # a reasons source is on: its counts as they are, never filtered
+        obj["exit_reasons"] = _json_reasons(sample.exit_reasons)
+    if reasons_state is not None:
+        obj["exit_reasons_source"] = {"usable": reasons_state.usable, "reason": reasons_state.reason}
+    return obj
 
 
 def _table(title: str, stats: Stats, rates: dict[str, float] | None, pattern: re.Pattern[str] | None) -> list[str]:
@@ -91,9 +118,26 @@ def _vm_title(vm: VMSample) -> str:
             f"{len(vm.vcpus)} vCPUs seen)")
 
 
+def _reasons_table(title: str, counts: ReasonCounts, prev: ReasonCounts | None, interval_s: float | None) -> list[str]:
+    """kvm_stat -t's rows: ``kvm_exit(HLT)``, ``kvm_userspace_exit(KVM_EXIT_IO)``, with totals and rates."""
+    per_second = reason_rates(prev, counts, interval_s) if interval_s else {}
+    lines = [title]
+    for tracepoint, reasons in sorted(counts.items()):
+        for reason, count in sorted(reasons.items()):
+            rate = per_second.get(tracepoint, {}).get(reason)
+            shown = "" if rate is None else f"{rate:>12.0f}"
+            lines.append(f" {for_terminal(f'{tracepoint}({reason})'):<32} {count:>16} {shown}".rstrip())
+    return lines
+
+
 def sample_text(sample: Sample, rates: Rates | None, sources: dict[str, Usability], *, per_vm: bool,
-                vcpus: bool, pattern: re.Pattern[str] | None) -> str:
+                vcpus: bool, pattern: re.Pattern[str] | None, prev: Sample | None = None,
+                reasons_state: Usability | None = None) -> str:
+    """One sample as kvm_stat-like tables; ``prev`` (the sample ``rates`` came from) gives the reasons' rates."""
     unusable = [f"{name}: {one_line(state.reason)}" for name, state in sources.items() if not state]
+    if reasons_state is not None and not reasons_state.usable:
+        unusable.append(f"exit reasons: {one_line(reasons_state.reason)}")
+    interval_s = rates.interval_s if rates is not None and prev is not None else None
     header = (f"kvm statistics: host totals, source {sample.source}, {len(sample.vms)} VMs, {sample.vcpu_count} vCPUs"
               + ("" if rates is None else f", rates over {rates.interval_s:.1f} s"))
     refused = [f"  (refused: VM {_shown(ident.name)}, pid {ident.key.pid}: implausible or "
@@ -101,9 +145,17 @@ def sample_text(sample: Sample, rates: Rates | None, sources: dict[str, Usabilit
     lines = [header, *(f"  (unusable: {why})" for why in unusable), *refused, ""]
     lines.append(f" {'counter':<32} {'total':>16} {'' if rates is None else 'per second':>12}".rstrip())
     lines += _table("", sample.host, rates.host if rates else None, pattern)[1:]
+    if sample.exit_reasons is not None:
+        lines += ["", *_reasons_table("exits by reason", sample.exit_reasons,
+                                      prev.exit_reasons if prev else None, interval_s)]
+    before = {vm.identity.key: vm for vm in prev.vms} if prev is not None else {}
     for vm in sample.vms if per_vm or vcpus else []:
         key = vm.identity.key
         lines += ["", *_table(_vm_title(vm), vm.stats, rates.vms.get(key) if rates else None, pattern)]
+        if vm.exit_reasons is not None:
+            old = before.get(key)
+            lines += _reasons_table(" exits by reason", vm.exit_reasons, old.exit_reasons if old else None,
+                                    interval_s)
         for vcpu, stats in sorted(vm.vcpus.items()) if vcpus else []:
             vcpu_rates = rates.vcpus.get((key, vcpu)) if rates else None
             lines += _table(f" vCPU {vcpu}", stats, vcpu_rates, pattern)
