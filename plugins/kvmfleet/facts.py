@@ -24,7 +24,7 @@ import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import borrowrights, procfs, words
+from . import borrowrights, cpulist, procfs, words
 from .tdp import TDP_UNKNOWN, TdpVerdict, tdp_verdict
 
 UNKNOWN = "unknown"
@@ -44,7 +44,6 @@ HALT_POLL_PARAMS = ("halt_poll_ns", "halt_poll_ns_grow", "halt_poll_ns_grow_star
 _UINT_LIMIT = 2**32  # module parameters of type uint
 _INT64_LIMIT = 2**63  # InfluxDB integers are int64: a bigger value would get the whole kvm_host line refused
 # No kernel has this many CPUs (NR_CPUS is at most 8192 on x86): a bigger cpulist is garbage.
-_MAX_CPU_ID = 2**16
 
 
 @dataclass
@@ -332,18 +331,8 @@ def _gather_kvm(facts: HostFacts, root: str) -> None:
 def parse_cpulist(text: str) -> int | None:
     """How many CPUs a cpulist names (``0-3,8-11``: 8), as the kernel prints one (``%*pbl``: ascending,
     disjoint ranges); None for an empty list or anything else."""
-    count, last = 0, -1
-    for item in text.strip().split(","):
-        m = re.fullmatch(r"([0-9]+)(?:-([0-9]+))?", item)
-        if not m:
-            return None
-        low = int(m.group(1))
-        high = int(m.group(2)) if m.group(2) is not None else low
-        if not last < low <= high < _MAX_CPU_ID:
-            return None
-        count += high - low + 1
-        last = high
-    return count
+    cpus = cpulist.parse(text)
+    return None if cpus is None else len(cpus)
 
 
 def parse_meminfo_total(text: str) -> int | None:

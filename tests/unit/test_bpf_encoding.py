@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvmfleet import cpulist
 from kvmfleet.exitreasons import bpf
 from kvmfleet.exitreasons.counter import TracepointSpec
 
@@ -66,8 +67,12 @@ def test_a_tracepoint_given_twice_is_refused_before_any_fd_is_opened():
 def test_cpu_lists(tmp_path):
     path = tmp_path / "possible"
     path.write_text("0-3,8,10-11\n")
-    assert bpf._cpu_list(str(path)) == [0, 1, 2, 3, 8, 10, 11]
+    assert cpulist.read(str(path)) == [0, 1, 2, 3, 8, 10, 11]
     assert bpf.possible_cpus(str(path)) == 12 and bpf.first_online_cpu(str(path)) == 0
     path.write_text("garbage\n")
     with pytest.raises(OSError, match="not a CPU list"):
         bpf.possible_cpus(str(path))
+    for garbage in ("", "3-1", "1,1", "0-3,2", "x", "0-70000"):
+        path.write_text(garbage)
+        with pytest.raises(OSError, match="not a CPU list"):
+            cpulist.read(str(path))

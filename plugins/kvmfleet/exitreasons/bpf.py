@@ -45,11 +45,13 @@ import struct
 import sys
 from collections.abc import Collection, Sequence
 
+from .. import cpulist
 from ..logsay import SayOnce
+from . import perfevent
 from .counter import Counts, ExitCounter, ReasonKey, TracepointSpec
 
 # Syscall numbers by machine (uname -m).
-_SYSCALLS = {"x86_64": {"bpf": 321, "perf_event_open": 298}, "aarch64": {"bpf": 280, "perf_event_open": 241}}
+_SYSCALLS = {"x86_64": {"bpf": 321}, "aarch64": {"bpf": 280}}
 
 # bpf(2) commands.
 BPF_MAP_CREATE = 0
@@ -75,13 +77,6 @@ PROC_PID_INIT_INO = 0xEFFFFFFC  # the initial pid namespace's inode (include/lin
 BPF_NOEXIST = 1
 BPF_F_NO_PREALLOC = 1
 BPF_PSEUDO_MAP_FD = 1
-
-# perf_event_open(2).
-PERF_TYPE_TRACEPOINT = 2
-PERF_FLAG_FD_CLOEXEC = 1 << 3
-PERF_ATTR_DISABLED = 1 << 0  # perf_event_attr flags bit
-PERF_EVENT_IOC_SET_BPF = 0x40042408  # _IOW('$', 8, __u32)
-PERF_ATTR_SIZE_VER0 = 64
 
 LICENSE = b"Apache-2.0\0"
 KEY = struct.Struct("<IIII")  # tgid, isa, reason, tracepoint index
@@ -257,14 +252,6 @@ _BPF_HINTS = {
     errno.ENOMEM: "out of memory (or RLIMIT_MEMLOCK on kernels before 5.11)",
     errno.ENOSYS: "no bpf() in this kernel (CONFIG_BPF_SYSCALL off)",
 }
-_PERF_HINTS = {
-    errno.EACCES: "needs CAP_PERFMON (or CAP_SYS_ADMIN) or a lower kernel.perf_event_paranoid",
-    errno.EPERM: "needs CAP_PERFMON (or CAP_SYS_ADMIN); kernel lockdown or perf_event_paranoid refuse it",
-    errno.ENOENT: "no such tracepoint id (the format file's ID: line is stale?)",
-    errno.EINVAL: "no such tracepoint id or unsupported attribute",
-    errno.ENODEV: "no such CPU or tracepoint event",
-    errno.ENOSYS: "no perf events in this kernel",
-}
 
 
 _IOCTL_HINTS = {
@@ -344,22 +331,6 @@ def prog_load(code: bytes, name: str) -> int:
                     f"verifier log:\n{text}" if text else "")  # fmt: skip
 
 
-def perf_event_open_tracepoint(event_id: int, cpu: int, name: str) -> int:
-    attr = ctypes.create_string_buffer(PERF_ATTR_SIZE_VER0)
-    # type, size, config (the tracepoint id), sample_period 0 (counting), read_format 0, flags: disabled. The
-    # event only carries the program: the kernel registers the tracepoint's perf probe when the event is
-    # created, and runs the attached programs on every hit whether the event is enabled or not; left
-    # disabled, the event stays off the CPU's list of events the hit is then handed to.
-    struct.pack_into("<IIQQQQQ", attr, 0, PERF_TYPE_TRACEPOINT, PERF_ATTR_SIZE_VER0, event_id, 0, 0, 0,
-                     PERF_ATTR_DISABLED)  # fmt: skip
-    fd = _libc.syscall(ctypes.c_long(_syscall_numbers()["perf_event_open"]), attr, ctypes.c_long(-1),
-                       ctypes.c_long(cpu), ctypes.c_long(-1), ctypes.c_long(PERF_FLAG_FD_CLOEXEC))  # fmt: skip
-    if fd < 0:
-        raise _os_error(f"perf_event_open(tracepoint {name} id {event_id}, cpu {cpu})", ctypes.get_errno(),
-                        _PERF_HINTS)  # fmt: skip
-    return int(fd)
-
-
 # struct bpf_prog_info: where the run statistics sit (include/uapi/linux/bpf.h, stable since 5.1/5.12).
 _PROG_INFO_SIZE = 224
 _PROG_INFO_RUN_TIME_NS = 192
@@ -382,29 +353,13 @@ def prog_run_stats(prog_fd: int) -> tuple[int, int, int]:
                  for offset in (_PROG_INFO_RUN_CNT, _PROG_INFO_RUN_TIME_NS, _PROG_INFO_RECURSION_MISSES))
 
 
-def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+def possible_cpus(path: str = cpulist.POSSIBLE) -> int:
     """How many CPUs per-CPU map values hold slots for: the highest possible CPU + 1."""
-    return max(_cpu_list(path)) + 1
+    return max(cpulist.read(path)) + 1
 
 
-def first_online_cpu(path: str = "/sys/devices/system/cpu/online") -> int:
-    return min(_cpu_list(path))
-
-
-def _cpu_list(path: str) -> list[int]:
-    """The CPUs of a kernel cpu list file ("0-3,8"); OSError if it cannot be read or parsed."""
-    with open(path) as f:
-        text = f.read().strip()
-    cpus: list[int] = []
-    try:
-        for part in text.split(","):
-            low, _, high = part.partition("-")
-            cpus.extend(range(int(low), int(high or low) + 1))
-        if not cpus:
-            raise ValueError("no CPU")
-    except ValueError as err:
-        raise OSError(errno.EINVAL, f"{path}: not a CPU list ({text[:80]!r}: {err})") from None
-    return cpus
+def first_online_cpu(path: str = cpulist.ONLINE) -> int:
+    return min(cpulist.read(path))
 
 
 def _pid_alive(pid: int) -> bool:
@@ -463,9 +418,13 @@ class BpfExitCounter(ExitCounter):
             for index, spec in enumerate(self.specs):
                 code = program(spec, index, self.counts_fd, self.lost_fd, per_process, self.pid_ns)
                 self.prog_fds.append(prog_load(code, spec.name))
-                fd = perf_event_open_tracepoint(spec.event_id, cpu, spec.name)
+                # The event only carries the program: the kernel registers the tracepoint's perf probe when the event
+                # is created and runs the attached programs on every hit whether the event is enabled or not; left
+                # disabled, the event stays off the CPU's list of events the hit is then handed to.
+                fd = perfevent.tracepoint_event(spec.event_id, -1, cpu, name=spec.name)
                 self.perf_fds.append(fd)
-                self._ioctl(fd, PERF_EVENT_IOC_SET_BPF, self.prog_fds[-1], f"PERF_EVENT_IOC_SET_BPF ({spec.name})")
+                self._ioctl(fd, perfevent.PERF_EVENT_IOC_SET_BPF, self.prog_fds[-1],
+                            f"PERF_EVENT_IOC_SET_BPF ({spec.name})")
         except BaseException:
             self.close()
             raise

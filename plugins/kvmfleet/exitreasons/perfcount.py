@@ -14,33 +14,20 @@ only: about a millisecond) by a thread whose events are not open yet is missed; 
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import fcntl
 import os
-import platform
 import resource
 import struct
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-from .. import procfs
+from .. import cpulist, procfs
 from ..logsay import SayOnce
+from . import perfevent
 from .counter import Counts, ExitCounter, ReasonKey, TracepointSpec
 
-SYSCALL_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}
-PERF_TYPE_TRACEPOINT = 2
-PERF_FLAG_FD_CLOEXEC = 1 << 3
-ATTR_DISABLED = 1 << 0  # bits of the perf_event_attr flags word
-ATTR_INHERIT = 1 << 1
-PERF_ATTR_SIZE_VER0 = 64
-PERF_EVENT_IOC_ENABLE = 0x2400  # _IO('$', 0)
-PERF_EVENT_IOC_SET_FILTER = 0x40082406  # _IOW('$', 6, char *)
 FD_MARGIN = 64  # fds kept free for everything else the process opens (sockets, /proc files)
-ONLINE_CPUS = "/sys/devices/system/cpu/online"
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 class PerfCountError(OSError):
@@ -68,41 +55,12 @@ def reasons_to_count(spec: TracepointSpec, codes: Iterable[tuple[int, int]], fil
     return reasons
 
 
-def online_cpus(path: str = ONLINE_CPUS) -> list[int]:
-    """The online CPUs (``0-3,6``); OSError/ValueError when the file is unreadable or garbage."""
-    with open(path, encoding="ascii") as file:
-        text = file.read().strip()
-    cpus: list[int] = []
-    for part in text.split(","):
-        first, _, last = part.partition("-")
-        cpus.extend(range(int(first), int(last or first) + 1))
-    if not cpus:
-        raise ValueError(f"{path} lists no CPU")
-    return cpus
-
-
-def perf_event_open(event_id: int, pid: int, cpu: int, inherit: bool = False) -> int:
-    """A disabled counting event on tracepoint ``event_id``; OSError with the errno."""
-    nr = SYSCALL_PERF_EVENT_OPEN.get(platform.machine())
-    if nr is None:
-        raise OSError(errno.ENOSYS, f"perf_event_open: no syscall number known for {platform.machine()}")
-    flags = ATTR_DISABLED | (ATTR_INHERIT if inherit else 0)
-    # type, size, config, sample_period, sample_type, read_format, flags, wakeup_events, bp_type, config1
-    raw = struct.pack("=IIQQQQQIIQ", PERF_TYPE_TRACEPOINT, PERF_ATTR_SIZE_VER0, event_id, 0, 0, 0, flags, 0, 0, 0)
-    attr = ctypes.create_string_buffer(raw, PERF_ATTR_SIZE_VER0)
-    fd = _libc.syscall(nr, attr, pid, cpu, -1, PERF_FLAG_FD_CLOEXEC)
-    if fd < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"perf_event_open: {os.strerror(err)}")
-    return int(fd)
-
-
 def open_filtered(reason: CountedReason, pid: int, cpu: int, inherit: bool = False) -> int:
     """An enabled counting event for ``reason``; nothing left open on failure."""
-    fd = perf_event_open(reason.spec.event_id, pid, cpu, inherit)
+    fd = perfevent.tracepoint_event(reason.spec.event_id, pid, cpu, inherit=inherit, name=reason.spec.name)
     try:
-        fcntl.ioctl(fd, PERF_EVENT_IOC_SET_FILTER, reason.filter.encode() + b"\0")
-        fcntl.ioctl(fd, PERF_EVENT_IOC_ENABLE, 0)
+        fcntl.ioctl(fd, perfevent.PERF_EVENT_IOC_SET_FILTER, reason.filter.encode() + b"\0")
+        fcntl.ioctl(fd, perfevent.PERF_EVENT_IOC_ENABLE, 0)
     except OSError as err:
         os.close(fd)
         raise OSError(err.errno, f"filter {reason.filter!r} of {reason.spec.name}: {err.strerror}") from err
@@ -153,7 +111,7 @@ class PerfCountCounter(ExitCounter):
         self._procs: dict[int, _Process] = {}
         self._refused: set[int] = set()  # pids left uncounted (budget, rights): not retried while asked about
         try:
-            cpu_list = list(cpus) if cpus is not None else online_cpus()
+            cpu_list = list(cpus) if cpus is not None else cpulist.read()
         except (OSError, ValueError) as err:
             raise PerfCountError(f"cannot tell the online CPUs ({err})") from None
         needed = len(self.reasons) * len(cpu_list)

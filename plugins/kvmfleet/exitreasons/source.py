@@ -24,7 +24,8 @@ from .. import procfs
 from ..logsay import SayOnce
 from ..model import ExitReasonReading, ReasonCounts, Usability, VMKey
 from .counter import Counts, ExitCounter, ReasonKey, TracepointSpec
-from .perfcount import CountedReason, PerfCountCounter, perf_event_open, reasons_to_count
+from .perfcount import CountedReason, PerfCountCounter, reasons_to_count
+from .perfevent import tracepoint_event
 from .tracefmt import FormatError, TracepointFormat, find_tracing_root, read_format
 
 # (tracepoint as tracefs names it, the field holding the reason)
@@ -270,7 +271,7 @@ def probe(root: str | None = None, *, fs_root: str = "/") -> Usability:
     if live:
         event_id = formats["kvm_userspace_exit"].event_id
         try:
-            os.close(perf_event_open(event_id, -1, 0))
+            os.close(tracepoint_event(event_id, -1, 0, name="kvm_userspace_exit"))
         except OSError as err:
             name = errno.errorcode.get(err.errno or 0, str(err.errno))
             return Usability(False, f"perf_event_open on kvm:kvm_userspace_exit fails ({name}: {err.strerror})")
