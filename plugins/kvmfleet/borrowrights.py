@@ -88,7 +88,7 @@ def yama_scope(path: str = YAMA_FILE) -> int | None:
 
 def has_cap_sys_ptrace(cap_eff: str) -> bool | None:
     """Whether a ``CapEff`` value (hex, as /proc/<pid>/status prints it) holds CAP_SYS_PTRACE; None if garbled."""
-    return bool(int(cap_eff, 16) >> CAP_SYS_PTRACE & 1) if re.fullmatch(r"[0-9a-fA-F]+", cap_eff) else None
+    return procfs.has_any_cap(cap_eff, CAP_SYS_PTRACE)
 
 
 def denied_cause(fields: dict[str, str], scope: int | None, attach: bool = True) -> str:

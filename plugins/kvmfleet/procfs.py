@@ -154,6 +154,15 @@ def self_status(proc: str = "/proc") -> dict[str, str]:
         return {}
 
 
+def has_any_cap(cap_eff: str | None, *caps: int) -> bool | None:
+    """Whether a ``CapEff`` value (hex, as /proc/<pid>/status prints it) holds one of the capability bits ``caps``
+    (include/uapi/linux/capability.h); None when it is missing or garbled."""
+    if not cap_eff or not re.fullmatch(r"[0-9a-fA-F]+", cap_eff):
+        return None
+    bits = int(cap_eff, 16)
+    return any(bits >> cap & 1 for cap in caps)
+
+
 def parse_nspid(value: str) -> tuple[int, ...]:
     """The NSpid line: the pid in the PID namespace of the /proc mount, then in each nested one down to the process's
     own (one entry when /proc belongs to the process's own namespace, *even a nested one*). () if garbled."""

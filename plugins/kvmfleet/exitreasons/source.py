@@ -33,7 +33,7 @@ TRACEPOINTS = (("kvm/kvm_exit", "exit_reason"), ("kvm/kvm_userspace_exit", "reas
 ISA_NAMES = {1: "vmx", 2: "svm"}
 USERSPACE_ISA = "userspace"
 MECHANISMS = ("auto", "bpf", "perf-count")
-CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 21, 38, 39  # bits of CapEff (include/uapi/linux/capability.h)
+CAP_SYS_ADMIN, CAP_PERFMON = 21, 38  # bits of CapEff (include/uapi/linux/capability.h)
 PARANOID_FILE = "proc/sys/kernel/perf_event_paranoid"
 LOCKDOWN_FILE = "sys/kernel/security/lockdown"
 
@@ -228,10 +228,6 @@ def _read_text(path: str) -> str | None:
         return None
 
 
-def cap_bits(cap_eff: str | None) -> int | None:
-    return int(cap_eff, 16) if cap_eff and re.fullmatch(r"[0-9a-fA-F]+", cap_eff) else None
-
-
 def probe(root: str | None = None, *, fs_root: str = "/") -> Usability:
     """Whether the exit reasons source can count here (host-wide), and if not, why. ``root``: the tracing root
     (default: found); ``fs_root``: where /proc and /sys are (a fake tree in tests: nothing is opened there)."""
@@ -261,8 +257,7 @@ def probe(root: str | None = None, *, fs_root: str = "/") -> Usability:
     paranoid_text = (_read_text(path(PARANOID_FILE)) or "").strip()
     paranoid = int(paranoid_text) if re.fullmatch(r"-?\d+", paranoid_text) else None
     status = procfs.status_fields(_read_text(path("proc/self/status")) or "")
-    caps = cap_bits(status.get("CapEff"))
-    perfmon = caps is not None and bool(caps >> CAP_PERFMON & 1 or caps >> CAP_SYS_ADMIN & 1)
+    perfmon = bool(procfs.has_any_cap(status.get("CapEff"), CAP_PERFMON, CAP_SYS_ADMIN))
     if paranoid is not None and paranoid > 0 and not perfmon:
         return Usability(False, f"perf_event_paranoid is {paranoid} (> 0: CPU-wide perf events need CAP_PERFMON "
                                 "or CAP_SYS_ADMIN) and this process has neither (CapEff "
