@@ -26,6 +26,7 @@ from typing import TypeVar
 
 import pytest
 
+from kvmfleet import cpulist
 from kvmfleet.exitreasons import bpf, tracefmt
 from kvmfleet.exitreasons.bpf import BpfExitCounter
 from kvmfleet.exitreasons.counter import Counts, ExitCounter, TracepointSpec
@@ -150,7 +151,7 @@ def test_host_wide_counts_are_exact(witness):
 
 def test_hits_on_another_cpu_than_the_perf_event_are_counted():
     # One perf event, opened on the first online CPU, runs the program on every CPU: pin the guest elsewhere.
-    online = bpf._cpu_list("/sys/devices/system/cpu/online")
+    online = cpulist.read("/sys/devices/system/cpu/online")
     other = max(online)
     assert other != bpf.first_online_cpu(), "needs two online CPUs"
     saved = os.sched_getaffinity(0)
