@@ -91,21 +91,17 @@ class Agent:
         self._refresh_facts()
 
     def _open_reasons(self) -> ExitReasonSource | None:
-        """The exit reasons source when ``ExitReasons`` asks for it. One that cannot count here is said once and
-        kept: the counters are read as usual and the samples carry no reasons."""
+        """The exit reasons source when ``ExitReasons`` asks for it. One that cannot count here says why once (through
+        this agent's SayOnce) and is kept: the counters are read as usual and the samples carry no reasons."""
         cfg = self.config
         if cfg.exit_reasons == "off":
             return None
         reasons = ExitReasonSource(per_vm=cfg.exit_reasons == "vm", mechanism=cfg.exit_reasons_mechanism,
                                    max_fds=cfg.exit_reasons_max_fds, say=self.say)
-        state = reasons.usability()
-        if state:
+        if reasons.usability():
             where = "host-wide and per VM" if cfg.exit_reasons == "vm" else "host-wide"
             log.info("kvmfleet: exit reasons: counting %s with %s (%d fds)", where, reasons.mechanism_name,
                      reasons.fds())
-        else:
-            self.say("exit-reasons", f"kvmfleet: exit reasons cannot be counted here: {state.reason}",
-                     logging.WARNING)
         return reasons
 
     def _refresh_facts(self) -> None:

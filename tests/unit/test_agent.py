@@ -160,6 +160,8 @@ class FakeReasonSource:
 
         self.per_vm, self.mechanism, self.max_fds, self.closed = per_vm, mechanism, max_fds, False
         self.state = Usability(True) if usable else Usability(False, "lockdown confidentiality: tracefs is locked")
+        if not usable:  # as ExitReasonSource does: said once through the caller's SayOnce
+            say("exitreasons-unusable", f"exit reasons cannot be counted: {self.state.reason}")
         self.mechanism_name = "fake"
         FakeReasonSource.made.append(self)
 
@@ -205,7 +207,7 @@ def test_exit_reasons_option_opens_the_source_ships_its_counts_and_closes_it(
         assert "exit reasons: counting host-wide and per VM with fake (3 fds)" in caplog.text
     else:
         assert reason_lines == []
-        assert "exit reasons cannot be counted here: lockdown confidentiality: tracefs is locked" in caplog.text
+        assert caplog.text.count("exit reasons cannot be counted: lockdown confidentiality: tracefs is locked") == 1
 
 
 def test_exit_reasons_off_opens_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
