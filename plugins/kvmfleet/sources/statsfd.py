@@ -19,11 +19,13 @@ every ``rescan_s`` seconds. Callers may name pids to scan now (:meth:`StatsfdSou
 from __future__ import annotations
 
 import errno
+import heapq
 import os
 import select
 import time
 from collections.abc import Container
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Callable
 
 from .. import borrowrights, procfs
@@ -61,6 +63,13 @@ class _Vmm:
     scanned_at: float = 0.0
     # the read plan, rebuilt whenever ``borrowed`` changes: everything a sample needs, precomputed
     plan: list[tuple[int, int, int, int, Shape, int, int]] = field(default_factory=list)
+    # the same plan as columns, for the fast path: the preads, the sizes they must return, the blocks' shapes,
+    # and per VM (identity, descriptors, where its VM stats are in the plan or -1, its vCPU ids, where they are)
+    preads: list[tuple[int, int, int]] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+    shapes: list[Shape] = field(default_factory=list)
+    per_vm: list[tuple[VMIdentity, dict[str, StatDesc], int, tuple[int, ...], tuple[int, ...]]] = \
+        field(default_factory=list)
     identities: dict[int, VMIdentity] = field(default_factory=dict)
     descs: dict[int, dict[str, StatDesc]] = field(default_factory=dict)
     said: set[str] = field(default_factory=set)  # SayOnce keys of its rejected fds, forgotten when it goes
@@ -81,6 +90,19 @@ class _Vmm:
             self.plan.append((target, held.fd, layout.data_size, layout.data_offset, layout.shape, held.vcpu, vm_fd))
             shapes[vm_fd].add(layout.shape)
         self.descs = {vm_fd: descs_for(frozenset(found)) for vm_fd, found in shapes.items()}
+        self.preads = [(fd, size, offset) for _, fd, size, offset, _, _, _ in self.plan]
+        self.sizes = [size for _, _, size, _, _, _, _ in self.plan]
+        self.shapes = [shape for _, _, _, _, shape, _, _ in self.plan]
+        self.per_vm = []
+        for vm_fd, identity in self.identities.items():
+            vm_at, vcpu_at = -1, {}
+            for at, (_, _, _, _, _, vcpu, owner) in enumerate(self.plan):
+                if owner == vm_fd:
+                    if vcpu < 0:
+                        vm_at = at  # the last one wins, as in the slow path
+                    else:
+                        vcpu_at[vcpu] = at
+            self.per_vm.append((identity, self.descs[vm_fd], vm_at, tuple(vcpu_at), tuple(vcpu_at.values())))
 
 
 def _group_by_vm(kvm_fds: list[procfs.KvmFd]) -> tuple[list[int], dict[int, int]]:
@@ -120,7 +142,11 @@ class StatsfdSource(Source):
         self._clock = clock
         self._vmms: dict[int, _Vmm] = {}
         self._others: dict[int, tuple[int, float]] = {}  # pid -> (start time, last scan) of non-VMMs
+        self._young: set[int] = set()  # the non-VMMs among them that were younger than young_s when scanned
+        self._rescans: list[tuple[float, int]] = []  # heap of (when, pid): a known pid's next rescan
         self._hinted: set[int] = set()
+        self._poller = select.poll()  # every VMM's pidfd, registered once
+        self._pid_of_pidfd: dict[int, int] = {}
         self._denied: str = ""  # why borrowing failed, if it did
         self._self_pid = os.getpid()
         self._descs_cache: dict[frozenset[Shape], dict[str, StatDesc]] = {}
@@ -162,17 +188,25 @@ class StatsfdSource(Source):
 
     def _discover(self, now: float) -> None:
         try:
-            live = procfs.pids(self.proc)
+            live = set(procfs.pids(self.proc))
         except OSError as err:
             self.say("statsfd-proc", f"kvmfleet: cannot list {self.proc}: {err}")
             return
-        live_set = set(live)
-        for pid in [pid for pid in self._others if pid not in live_set]:
-            del self._others[pid]
+        live.discard(self._self_pid)
+        if self.only_pids is not None:
+            live = {pid for pid in live if pid in self.only_pids}
+        others = self._others
+        for pid in others.keys() - live:
+            del others[pid]
         uptime = procfs.uptime_ticks()
-        for pid in live:
-            if pid == self._self_pid or (self.only_pids is not None and pid not in self.only_pids):
-                continue
+        self._young = {pid for pid in self._young if pid in others and uptime - others[pid][0] < self.young_ticks}
+        # set operations rather than a look at every pid: the pids not seen before, the hinted and young ones, and
+        # those whose rescan is due; each is then checked as before (heap entries may be stale)
+        due = (live - others.keys() - self._vmms.keys()) | (self._hinted & live) | self._young
+        rescans = self._rescans
+        while rescans and rescans[0][0] <= now:
+            due.add(heapq.heappop(rescans)[1])
+        for pid in sorted(due & live):  # in pid order, as /proc lists them
             vmm = self._vmms.get(pid)
             try:
                 if vmm is not None:
@@ -193,10 +227,10 @@ class StatsfdSource(Source):
         except OSError as err:
             if err.errno in (errno.EACCES, errno.EPERM):
                 self._denied = borrowrights.fd_table_denied_reason(pid)
-            self._others[pid] = (started, now)
+            self._note_other(pid, started, now)
             return
         if not _is_vmm(kvm_fds):
-            self._others[pid] = (started, now)
+            self._note_other(pid, started, now)
             return
         try:
             pidfd = procfs.pidfd_open(pid)
@@ -208,8 +242,16 @@ class StatsfdSource(Source):
         kind, name, uuid = parse_identity(procfs.cmdline(pid, self.proc), procfs.comm(pid, self.proc), pid)
         vmm = _Vmm(pid, started, pidfd, kind, name, uuid)
         self._vmms[pid] = vmm
+        self._poller.register(pidfd, select.POLLIN)
+        self._pid_of_pidfd[pidfd] = pid
         self._others.pop(pid, None)
         self._borrow(vmm, kvm_fds, now)
+
+    def _note_other(self, pid: int, started: int, now: float) -> None:
+        self._others[pid] = (started, now)
+        heapq.heappush(self._rescans, (now + self.rescan_s, pid))
+        if procfs.uptime_ticks() - started < self.young_ticks:
+            self._young.add(pid)
 
     def _scan_fds(self, vmm: _Vmm, now: float) -> None:
         try:
@@ -220,6 +262,7 @@ class StatsfdSource(Source):
 
     def _borrow(self, vmm: _Vmm, kvm_fds: list[procfs.KvmFd], now: float) -> None:
         vmm.scanned_at = now
+        heapq.heappush(self._rescans, (now + self.rescan_s, vmm.pid))
         vmm.vm_fds, owner = _group_by_vm(kvm_fds)
         present = {kfd.fd: kfd for kfd in kvm_fds if kfd.fd in owner}
         # drop what the VMM closed (vCPU unplug) or replaced by another file under the same number
@@ -278,6 +321,8 @@ class StatsfdSource(Source):
         vmm = self._vmms.pop(pid)
         for target in list(vmm.borrowed):
             self._release(vmm, target)
+        self._poller.unregister(vmm.pidfd)
+        del self._pid_of_pidfd[vmm.pidfd]
         os.close(vmm.pidfd)
         for key in vmm.said:
             self.say.forget(key)
@@ -286,13 +331,8 @@ class StatsfdSource(Source):
         """One poll over every pidfd: a pidfd turns readable when its process exits."""
         if not self._vmms:
             return
-        poller = select.poll()
-        by_fd = {}
-        for vmm in self._vmms.values():
-            poller.register(vmm.pidfd, select.POLLIN)
-            by_fd[vmm.pidfd] = vmm.pid
-        for pidfd, _events in poller.poll(0):
-            self._retire(by_fd[pidfd])
+        for pidfd, _events in self._poller.poll(0):
+            self._retire(self._pid_of_pidfd[pidfd])
 
     # -- reading -----------------------------------------------------------------------------
     def read(self) -> list[VMReading]:
@@ -318,10 +358,30 @@ class StatsfdSource(Source):
                        f"kvmfleet: {doing} pid {pid} failed, its fds closed: {type(err).__name__}: {err}")
         if pid in self._vmms:
             self._retire(pid)
-        self._others[pid] = (0, self._clock())  # looked at again after rescan_s, not at every sample
+        self._note_other(pid, 0, self._clock())  # looked at again after rescan_s, not at every sample
 
     def _read_vmm(self, vmm: _Vmm) -> list[VMReading]:
-        """One pread per borrowed fd, by the plan; hot: runs for every fd of every sample."""
+        """One pread per borrowed fd, by the plan; hot: runs for every fd of every sample. Every fd read in full
+        takes this path; any failure or short read takes :meth:`_read_vmm_checked`, which reads again fd by fd and
+        drops what failed."""
+        pread = os.pread
+        try:
+            data = [pread(fd, size, offset) for fd, size, offset in vmm.preads]
+        except OSError:
+            return self._read_vmm_checked(vmm)
+        if list(map(len, data)) != vmm.sizes:
+            return self._read_vmm_checked(vmm)
+        blocks = list(map(StatBlock, vmm.shapes, repeat(None), data))
+        readings = []
+        for identity, descs, vm_at, vcpu_ids, vcpu_at in vmm.per_vm:
+            vm_stats = blocks[vm_at] if vm_at >= 0 else {}
+            if vm_at >= 0 or vcpu_ids:
+                readings.append(VMReading(identity, self.name, vm_stats,
+                                          dict(zip(vcpu_ids, [blocks[at] for at in vcpu_at])), descs))
+        return readings
+
+    def _read_vmm_checked(self, vmm: _Vmm) -> list[VMReading]:
+        """:meth:`_read_vmm` fd by fd: an fd that fails or returns less than its data block is said and dropped."""
         per_vm = {vm_fd: VMReading(identity, self.name, descs=vmm.descs[vm_fd])
                   for vm_fd, identity in vmm.identities.items()}
         pread, from_data = os.pread, StatBlock.from_data
