@@ -26,7 +26,8 @@ import time
 from collections.abc import Container
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import Callable
+from operator import itemgetter
+from typing import Any, Callable
 
 from .. import borrowrights, procfs
 from ..binstats import StatsFormatError, StatsLayout
@@ -63,12 +64,14 @@ class _Vmm:
     scanned_at: float = 0.0
     # the read plan, rebuilt whenever ``borrowed`` changes: everything a sample needs, precomputed
     plan: list[tuple[int, int, int, int, Shape, int, int]] = field(default_factory=list)
-    # the same plan as columns, for the fast path: the preads, the sizes they must return, the blocks' shapes,
-    # and per VM (identity, descriptors, where its VM stats are in the plan or -1, its vCPU ids, where they are)
-    preads: list[tuple[int, int, int]] = field(default_factory=list)
+    # the same plan as columns, for the fast path (``map(os.pread, fds, sizes, offsets)``: no Python frame per fd),
+    # the blocks' shapes, and per VM (identity, descriptors, where its VM stats are in the plan or -1, its vCPU ids,
+    # a picker of their blocks)
+    fds: list[int] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
+    offsets: list[int] = field(default_factory=list)
     shapes: list[Shape] = field(default_factory=list)
-    per_vm: list[tuple[VMIdentity, dict[str, StatDesc], int, tuple[int, ...], tuple[int, ...]]] = \
+    per_vm: list[tuple[VMIdentity, dict[str, StatDesc], int, tuple[int, ...], Callable[[list[StatBlock]], Any]]] = \
         field(default_factory=list)
     identities: dict[int, VMIdentity] = field(default_factory=dict)
     descs: dict[int, dict[str, StatDesc]] = field(default_factory=dict)
@@ -90,8 +93,9 @@ class _Vmm:
             self.plan.append((target, held.fd, layout.data_size, layout.data_offset, layout.shape, held.vcpu, vm_fd))
             shapes[vm_fd].add(layout.shape)
         self.descs = {vm_fd: descs_for(frozenset(found)) for vm_fd, found in shapes.items()}
-        self.preads = [(fd, size, offset) for _, fd, size, offset, _, _, _ in self.plan]
+        self.fds = [fd for _, fd, _, _, _, _, _ in self.plan]
         self.sizes = [size for _, _, size, _, _, _, _ in self.plan]
+        self.offsets = [offset for _, _, _, offset, _, _, _ in self.plan]
         self.shapes = [shape for _, _, _, _, shape, _, _ in self.plan]
         self.per_vm = []
         for vm_fd, identity in self.identities.items():
@@ -102,7 +106,14 @@ class _Vmm:
                         vm_at = at  # the last one wins, as in the slow path
                     else:
                         vcpu_at[vcpu] = at
-            self.per_vm.append((identity, self.descs[vm_fd], vm_at, tuple(vcpu_at), tuple(vcpu_at.values())))
+            self.per_vm.append((identity, self.descs[vm_fd], vm_at, tuple(vcpu_at), _picker(list(vcpu_at.values()))))
+
+
+def _picker(indexes: list[int]) -> Callable[[list[StatBlock]], Any]:
+    """``blocks -> tuple(blocks[i] for i in indexes)``, by itemgetter where it returns a tuple."""
+    if len(indexes) >= 2:
+        return itemgetter(*indexes)
+    return lambda blocks: tuple(blocks[i] for i in indexes)
 
 
 def _group_by_vm(kvm_fds: list[procfs.KvmFd]) -> tuple[list[int], dict[int, int]]:
@@ -364,21 +375,16 @@ class StatsfdSource(Source):
         """One pread per borrowed fd, by the plan; hot: runs for every fd of every sample. Every fd read in full
         takes this path; any failure or short read takes :meth:`_read_vmm_checked`, which reads again fd by fd and
         drops what failed."""
-        pread = os.pread
         try:
-            data = [pread(fd, size, offset) for fd, size, offset in vmm.preads]
+            data = list(map(os.pread, vmm.fds, vmm.sizes, vmm.offsets))
         except OSError:
             return self._read_vmm_checked(vmm)
         if list(map(len, data)) != vmm.sizes:
             return self._read_vmm_checked(vmm)
         blocks = list(map(StatBlock, vmm.shapes, repeat(None), data))
-        readings = []
-        for identity, descs, vm_at, vcpu_ids, vcpu_at in vmm.per_vm:
-            vm_stats = blocks[vm_at] if vm_at >= 0 else {}
-            if vm_at >= 0 or vcpu_ids:
-                readings.append(VMReading(identity, self.name, vm_stats,
-                                          dict(zip(vcpu_ids, [blocks[at] for at in vcpu_at])), descs))
-        return readings
+        return [VMReading(identity, self.name, blocks[vm_at] if vm_at >= 0 else {},
+                          dict(zip(vcpu_ids, pick_vcpus(blocks))), descs)
+                for identity, descs, vm_at, vcpu_ids, pick_vcpus in vmm.per_vm if vm_at >= 0 or vcpu_ids]
 
     def _read_vmm_checked(self, vmm: _Vmm) -> list[VMReading]:
         """:meth:`_read_vmm` fd by fd: an fd that fails or returns less than its data block is said and dropped."""
