@@ -120,6 +120,10 @@ OPTIONS: tuple[Option, ...] = (
            "tags", repeat=True, role_var=_role("tags"), shown_default="none"),
     Option("Dispatch", "bool", True, "also dispatch the values into collectd (any collectd writer then has them); "
            "`false` needs `InfluxURL`", "dispatch", role_var=_role("dispatch")),
+    Option("DispatchPerVM", "bool", None, "with `Dispatch`, dispatch each VM's values too (plugin_instance = VM "
+           "name), not only the host totals: about 60 values per VM a sample, the plugin's largest cost in collectd "
+           "([cost](#what-a-sample-costs))", "dispatch_per_vm", role_var=_role("dispatch_per_vm"),
+           shown_default="`true` without `InfluxURL`, `false` with it"),
     Option("Histograms", "bool", True, "ship histogram stats as `<name>_bucket_<n>` fields (non-zero buckets; "
            "[schema.md](schema.md))", "histograms", role_var=_role("histograms")),
     Option("FactsInterval", "seconds", 300.0, "how often the host facts (`kvm_host`: EPT/NPT, lockdown, KVM module, "
@@ -205,6 +209,7 @@ class AgentConfig:
     exclude: tuple[re.Pattern[str], ...] = DEFAULTS["Exclude"]
     tags: dict[str, str] = field(default_factory=_default_factory("Tag"))
     dispatch: bool = DEFAULTS["Dispatch"]
+    dispatch_per_vm: bool | None = DEFAULTS["DispatchPerVM"]  # None: see dispatches_per_vm
     histograms: bool = DEFAULTS["Histograms"]
     facts_interval: float = DEFAULTS["FactsInterval"]
     interval: float | None = DEFAULTS["Interval"]
@@ -216,11 +221,18 @@ class AgentConfig:
             return False
         return not any(p.search(name) for p in self.exclude)
 
+    def dispatches_per_vm(self) -> bool:
+        """Whether per-VM values go into collectd: as DispatchPerVM says; unset, only where they are not shipped
+        (collectd is then their only way out)."""
+        if not self.dispatch or not self.per_vm:
+            return False
+        return self.dispatch_per_vm if self.dispatch_per_vm is not None else self.ship is None
+
     def summary(self) -> str:
         """One line for the log (no secret: files are named, never read out)."""
         parts = [f"source {self.source}", f"per-VM {_onoff(self.per_vm)}", f"per-vCPU {_onoff(self.per_vcpu)}",
-                 f"dispatch {_onoff(self.dispatch)}", f"histograms {_onoff(self.histograms)}",
-                 f"exit reasons {self.exit_reasons}"]
+                 f"dispatch {_onoff(self.dispatch)}", f"per-VM dispatch {_onoff(self.dispatches_per_vm())}",
+                 f"histograms {_onoff(self.histograms)}", f"exit reasons {self.exit_reasons}"]
         if self.libvirt_uri != DEFAULT_URI:
             parts.append(f"libvirt {self.libvirt_uri}")
         if self.include or self.exclude:
@@ -481,6 +493,8 @@ def parse_config(entries: Iterable[ConfigEntry], check_files: bool = True) -> Ag
         _without_url(cfg, given, seen, problems)
     elif "InfluxURL" in given:
         cfg.ship = _ship_config(problems, given, seen, check_files)
+    if given.get("DispatchPerVM") and not cfg.dispatch:
+        problems.warnings.append("option DispatchPerVM true has no effect with Dispatch false")
     for text in problems.warnings:
         log.warning("kvmfleet: config: %s", text)
     if problems.errors:

@@ -260,23 +260,25 @@ class PointBuilder:
 
     def build(self, sample: Sample, lines: bool = True, sink: ValueSink | None = None) -> BuildResult:
         """The ``kvm``, ``kvm_vm`` and ``kvm_vcpu`` lines of ``sample`` (if ``lines``) and its host and per-VM
-        values dispatched to ``sink`` (if given; per-vCPU values are not dispatched: at 200 VMs x 4 vCPUs they would
-        be 34,000 more collectd values a sample, see docs/plugin.md). ``kvm_host`` and ``kvmfleet_agent`` lines come
-        from :meth:`facts_line` and :meth:`agent_line`."""
+        values dispatched to ``sink`` (if given; per-VM values only with ``dispatches_per_vm()``; per-vCPU values are
+        not dispatched: at 200 VMs x 4 vCPUs they would be 34,000 more collectd values a sample, see docs/plugin.md).
+        ``kvm_host`` and ``kvmfleet_agent`` lines come from :meth:`facts_line` and :meth:`agent_line`."""
         cfg = self.config
         em = _Emission(str(sample.time_ns), sample.time_ns / 1e9, sink, [] if lines else None)
         self._emit(em, self.host_prefix, "", sample.host, sample.host_descs)
         if sample.exit_reasons:
             self._emit_reasons(em, "", "", sample.exit_reasons, sample.reason_isa)
-        if cfg.per_vm or cfg.per_vcpu or any(vm.exit_reasons for vm in sample.vms):
+        per_vm_sink = sink is not None and cfg.dispatches_per_vm()
+        per_vm_reasons = any(vm.exit_reasons for vm in sample.vms)
+        if (cfg.per_vm or cfg.per_vcpu or per_vm_reasons) and (lines or per_vm_sink):
             live: dict[VMKey, _Series] = {}
             for vm, name in zip(sample.vms, self.display_names(sample.vms)):
                 series = live[vm.identity.key] = self._series_for(vm, name)
                 if cfg.per_vm:
-                    self._emit(em, series.prefix, series.instance, vm.stats, vm.descs)
+                    self._emit(em, series.prefix, series.instance if per_vm_sink else None, vm.stats, vm.descs)
                 if vm.exit_reasons:
-                    self._emit_reasons(em, name, series.instance if cfg.per_vm else None, vm.exit_reasons,
-                                       sample.reason_isa)
+                    self._emit_reasons(em, name, series.instance if per_vm_sink else None,
+                                       vm.exit_reasons, sample.reason_isa)
                 if cfg.per_vcpu and lines:  # per-vCPU values are shipped, never dispatched (docs/plugin.md)
                     for vcpu in sorted(vm.vcpus):
                         self._emit(em, self._vcpu_prefix(series, vcpu), None, vm.vcpus[vcpu], vm.descs)

@@ -85,14 +85,17 @@ def secrets_nowhere(secret: str, places: list[Path], allowed: set[str], cd: Coll
 
 def test_v1_influxdb16_exact_counts_totals_and_schema(guests: Guests, influxdb: InfluxDB1, password_file: str,
                                                       tmp_path: Path) -> None:
-    cd = Collectd(tmp_path / "cd", v1_options(influxdb.url, password_file, tmp_path))
+    # per-VM values into collectd too (with InfluxURL they are shipped only, by default): the csv check below
+    cd = Collectd(tmp_path / "cd", v1_options(influxdb.url, password_file, tmp_path, DispatchPerVM=True))
     with cd:
         wait_for("kvm_vm points of the test guests", lambda: len(influx_points(
             influxdb, "kvm_vm", f"AND vm = '{guests.names[0]}'")) >= 4, 60)
         took = cd.stop()
     log = cd.log()
     assert "[error]" not in log, log
-    assert f"kvmfleet: active on host {HOSTNAME}: source auto, per-VM on, per-vCPU on, dispatch on" in log
+    active = (f"kvmfleet: active on host {HOSTNAME}: source auto, per-VM on, per-vCPU on, dispatch on, "
+              "per-VM dispatch on,")
+    assert active in log
     stopped = cd.log_lines("kvmfleet: stopped:")
     assert stopped and " 0 lost" in stopped[0] and " 0 dropped (buffer full)" in stopped[0], stopped
     assert took < 15
@@ -194,6 +197,9 @@ def test_v2_victoriametrics_exact_counts_and_totals(guests: Guests, victoria: Vi
         assert host[f"kvm_{field}"] and host[f"kvm_{field}"] == {t: w[field] for t, w in want.items()}
     facts = export('{__name__="kvm_host_vms"}')
     assert facts and min(facts[0]["values"]) >= len(guests.names)
+    # the default with InfluxURL: per-VM values shipped (above), only the host totals dispatched into collectd
+    assert cd.csv_values("kvm", "derive-halt_exits")
+    assert not list((cd.csv_dir / HOSTNAME).glob("kvm-*")), sorted(os.listdir(cd.csv_dir / HOSTNAME))
     # VictoriaMetrics keeps booleans as 1/0 and stores string fields as 0 (text lost): tdp_enabled is there for it
     assert export('{__name__="kvm_host_tdp_enabled"}') and export('{__name__="kvm_host_is_guest"}')
     assert {v for s in export('{__name__="kvm_host_tdp_state"}') for v in s["values"]} == {0}

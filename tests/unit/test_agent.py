@@ -72,6 +72,32 @@ def test_agent_reads_ships_dispatches_and_stops(tmp_path: Path) -> None:
     assert final is not None and final["sent"] == 15 and source.closed
 
 
+@pytest.mark.parametrize("per_vm_option", [None, True, False])
+def test_with_influxdb_per_vm_values_go_into_collectd_only_with_dispatch_per_vm(tmp_path: Path,
+                                                                                per_vm_option: bool | None) -> None:
+    """Default with InfluxURL: host totals (and the agent's own values) into collectd, per-VM points to InfluxDB."""
+    extra = [] if per_vm_option is None else [("DispatchPerVM", per_vm_option)]
+    cfg = parse_config(entries(("InfluxURL", "http://127.0.0.1:9"), ("Database", "kvm"), ("SpoolPath", ""),
+                               *extra))
+    writer = ListWriter()
+    instances: set[tuple[str, str]] = set()
+
+    def sink(plugin: str, pi: str, t: float, types: Any, names: Any, values: Any) -> int:
+        instances.add((plugin, pi))
+        return len(names)
+
+    agent = Agent(cfg, writer)
+    agent.start("hv1", sink=sink, source=ListSource([reading(11, "a"), reading(12, "b")]))
+    st = agent.read()
+    assert agent.shipper is not None and agent.shipper.wait_idle(5)
+    vm_points = {parse_line(t)[1]["vm"] for t in writer.lines if t.startswith("kvm_vm,")}
+    assert vm_points == {"a", "b"}
+    per_vm = {("kvm", "a"), ("kvm", "b")}
+    assert instances == {("kvm", ""), ("kvmfleet", "")} | (per_vm if per_vm_option else set())
+    assert st.dispatched > 0
+    agent.stop(timeout=0.1)
+
+
 def test_agent_without_shipping_only_dispatches() -> None:
     agent = Agent(parse_config([]))
     n: list[int] = []
