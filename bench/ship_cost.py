@@ -272,7 +272,7 @@ def main() -> int:
     per_defaults = (defaults["cpu"] - idle_rate * defaults["wall"]) / defaults["n"]
     per_off = (off["cpu"] - idle_rate * off["wall"]) / off["n"]
     ms = 1e3
-    print(f"{args.vms} VMs x {args.vcpus} vCPUs, per-VM and per-vCPU on; fleet started in {start_s:.0f} s; "
+    print(f"{args.vms} VMs x {args.vcpus} vCPUs; fleet started in {start_s:.0f} s; "
           f"collectd Interval {args.interval:g} s, {args.samples} samples a run; {nlines} lines a sample")
     print(f"{'what':<58} {'CPU ms/sample':>14}")
     rows = [
