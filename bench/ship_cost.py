@@ -4,8 +4,8 @@
 Starts VMS real guests with VCPUS vCPUs each (kvmfleet-guestvmm, stats fds held like QEMU >= 8.1), then, in the
 same run and over the same VMs:
 
-* library: the CPU time of one ``Collector.sample()`` (source ``auto``, the plugin's default) in this process,
-  median of REPEAT;
+* library: the CPU time of one ``Collector.sample()`` with the plugin's default options (source ``auto``, exit
+  reasons host-wide with bpf) in this process, median of REPEAT;
 * collectd: Debian's collectd (``collectd -f``, ``Interval INTERVAL``) loading the plugin, shipping v1 to a null
   HTTP server in this process (answers 204, keeps the ``kvmfleet_agent`` lines) and, for the dispatched values,
   collectd's ``network`` writer (UDP to a port nobody reads). Its process CPU time (utime + stime of all its
@@ -44,6 +44,7 @@ from typing import Any
 
 from kvmfleet.collectd_config import render
 from kvmfleet.collector import Collector
+from kvmfleet.exitreasons import ExitReasonSource
 from kvmfleet.options import OPTION_BY_KEY, AgentConfig
 from kvmfleet.points import PointBuilder
 from kvmfleet.sources import make_source
@@ -221,8 +222,12 @@ def main() -> int:
             pids = set(fleet.pids)
             time.sleep(max(0.0, args.settle - (time.perf_counter() - started)))
 
-            # -- library, in this process (the plugin's default source, auto)
-            collector = Collector(make_source("auto"))
+            # -- library, in this process, with the plugin's defaults: source auto, exit reasons host-wide with bpf
+            defaults = AgentConfig()
+            collector = Collector(make_source(defaults.source),
+                                  reasons=ExitReasonSource(per_vm=defaults.exit_reasons == "vm",
+                                                           mechanism=defaults.exit_reasons_mechanism)
+                                  if defaults.exit_reasons != "off" else None)
             first = collector.sample()
             ours = [vm for vm in first.vms if vm.identity.key.pid in pids]
             if len(ours) != args.vms or any(len(vm.vcpus) != args.vcpus for vm in ours):
