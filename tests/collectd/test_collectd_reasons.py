@@ -41,7 +41,8 @@ def latest_with_all(rows: list[dict[str, Any]], names: set[str]) -> list[dict[st
 def test_exit_reasons_exact_per_vm_and_host_wide_in_influxdb_and_collectd(influxdb: InfluxDB1, password_file: str,
                                                                          tmp_path: Path) -> None:
     cd = Collectd(tmp_path / "cd", v1_options(influxdb.url, password_file, tmp_path, PerVCPU=False,
-                                              ExitReasons="vm", ExitReasonsMechanism="bpf"))
+                                              ExitReasons="vm", ExitReasonsMechanism="bpf",
+                                              DispatchPerVM=True))
     guests = []
     with cd:
         wait_for("the plugin counting exits by reason", lambda: cd.log_lines("kvmfleet: exit reasons: counting"), 60)
@@ -85,7 +86,8 @@ def test_exit_reasons_exact_per_vm_and_host_wide_in_influxdb_and_collectd(influx
         assert host[reason] >= count
     assert all(isinstance(r["count"], int) and r["host"] == HOSTNAME for r in rows)
 
-    # the same counts went into collectd: derives of plugin kvm_exit_reason, type instance the reason
+    # the same counts went into collectd (per VM too: DispatchPerVM true): derives of plugin kvm_exit_reason, type
+    # instance the reason
     pio = next(g.name for g, _, w, _ in guests if w == "pio")
     csv = cd.csv_values(f"kvm_exit_reason-{pio}", "derive-KVM_EXIT_IO")
     assert csv and csv[-1][1] == expected[pio]["KVM_EXIT_IO"]
