@@ -151,11 +151,7 @@ class ExitReasonSource:
     def _fail(self, reason: str) -> None:
         self._usability = Usability(False, reason)
         self._say("exitreasons-unusable", reason)
-        if self._counter is not None:
-            try:
-                self._counter.close()
-            finally:
-                self._counter = None
+        self.close()
 
     def usability(self) -> Usability:
         return self._usability
