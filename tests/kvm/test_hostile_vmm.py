@@ -147,14 +147,18 @@ def test_an_error_with_one_vmm_leaves_the_others_read_and_closes_its_fds(monkeyp
         source = StatsfdSource(only_pids={a.pid, b.pid}, say=SayOnce(), rescan_s=0.0)
         collector = Collector(source)
         assert collector.sample().host["halt_exits"] == 200
-        read_vmm = source._read_vmm
+        read_vmm = source._read_vmm_checked
 
-        def failing(vmm):  # a bug that one VMM's fds trigger
+        def failing(vmm):  # a bug that one VMM's fds trigger: in the read of every fd at once, then in its own
             if vmm.pid == a.pid:
                 raise IndexError("tuple index out of range")
             return read_vmm(vmm)
 
-        monkeypatch.setattr(source, "_read_vmm", failing)
+        def failing_planned(plan):
+            raise IndexError("tuple index out of range")
+
+        monkeypatch.setattr(source, "_read_planned", failing_planned)
+        monkeypatch.setattr(source, "_read_vmm_checked", failing)
         with caplog.at_level(logging.WARNING, logger="kvmfleet"):
             sample = collector.sample()
         assert [vm.identity.name for vm in sample.vms] == ["t-iso-b"] and sample.vms[0].stats["mmio_exits"] == 50
@@ -162,7 +166,7 @@ def test_an_error_with_one_vmm_leaves_the_others_read_and_closes_its_fds(monkeyp
         assert procfs.borrowed_fd_count() - kvm_fds_before == 2 + 1  # b's stats fds and pidfd; a's closed
         assert [f"reading pid {a.pid} failed, its fds closed: IndexError" in r.getMessage() for r in caplog.records] \
             == [True]
-        monkeypatch.setattr(source, "_read_vmm", read_vmm)  # the trouble is over: a is scanned and read again
+        monkeypatch.undo()  # the trouble is over: a is scanned and read again
         again = collector.sample()
         assert sorted(vm.identity.name for vm in again.vms) == ["t-iso-a", "t-iso-b"]
         assert again.host["halt_exits"] == 200  # back under its key: taken out of the retired sums, not counted twice

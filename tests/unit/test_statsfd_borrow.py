@@ -116,3 +116,21 @@ def test_verify_passes_the_kernels_layout(tmp_path, monkeypatch):
     finally:
         os.close(fd)
     assert not issubclass(StatsFormatError, BorrowRejected)
+
+
+@need_root
+def test_a_process_looked_at_but_neither_a_vmm_nor_noted_is_looked_at_again_next_sample(swapping_vmm):
+    """Discovery compares /proc's listing with the last one; a pid whose scan found nothing to note (it was exiting,
+    or its pid reused, while scanned) stays due at the next sample, not after ``rescan_s``."""
+    pid, proc, _, _ = swapping_vmm
+    stat = os.path.join(proc, str(pid), "stat")
+    with open(stat) as handle:
+        saved = handle.read()
+    os.remove(stat)  # as if it exited while it was scanned
+    source = StatsfdSource(proc=proc, only_pids={pid}, rescan_s=3600.0, young_s=0.0, say=SayOnce())
+    assert source.read() == [] and source.rejected_fds == 0
+    with open(stat, "w") as handle:
+        handle.write(saved)
+    assert source.read() == [] and source.rejected_fds == 2  # scanned again: both of its fds borrowed and checked
+    assert source.read() == [] and source.rejected_fds == 2  # now noted: not again until rescan_s
+    source.close()

@@ -64,14 +64,13 @@ class _Vmm:
     scanned_at: float = 0.0
     # the read plan, rebuilt whenever ``borrowed`` changes: everything a sample needs, precomputed
     plan: list[tuple[int, int, int, int, Shape, int, int]] = field(default_factory=list)
-    # the same plan as columns, for the fast path (``map(os.pread, fds, sizes, offsets)``: no Python frame per fd),
-    # the blocks' shapes, and per VM (identity, descriptors, where its VM stats are in the plan or -1, its vCPU ids,
-    # a picker of their blocks)
+    # the same plan as columns, joined with every other VMM's into the source's host plan (:class:`_HostPlan`), and
+    # per VM (identity, descriptors, where its VM stats are in the plan or -1, its vCPU ids, where their stats are)
     fds: list[int] = field(default_factory=list)
     sizes: list[int] = field(default_factory=list)
     offsets: list[int] = field(default_factory=list)
     shapes: list[Shape] = field(default_factory=list)
-    per_vm: list[tuple[VMIdentity, dict[str, StatDesc], int, tuple[int, ...], Callable[[list[StatBlock]], Any]]] = \
+    per_vm: list[tuple[VMIdentity, dict[str, StatDesc], int, tuple[int, ...], tuple[int, ...]]] = \
         field(default_factory=list)
     identities: dict[int, VMIdentity] = field(default_factory=dict)
     descs: dict[int, dict[str, StatDesc]] = field(default_factory=dict)
@@ -106,7 +105,7 @@ class _Vmm:
                         vm_at = at  # the last one wins, as in the slow path
                     else:
                         vcpu_at[vcpu] = at
-            self.per_vm.append((identity, self.descs[vm_fd], vm_at, tuple(vcpu_at), _picker(list(vcpu_at.values()))))
+            self.per_vm.append((identity, self.descs[vm_fd], vm_at, tuple(vcpu_at), tuple(vcpu_at.values())))
 
 
 def _picker(indexes: list[int]) -> Callable[[list[StatBlock]], Any]:
@@ -114,6 +113,31 @@ def _picker(indexes: list[int]) -> Callable[[list[StatBlock]], Any]:
     if len(indexes) >= 2:
         return itemgetter(*indexes)
     return lambda blocks: tuple(blocks[i] for i in indexes)
+
+
+class _HostPlan:
+    """Every VMM's plan as one: a sample is one ``map(os.pread, fds, sizes, offsets)`` over every borrowed fd of the
+    host and one ``map(StatBlock, ...)`` over what it read (no Python frame per fd, none per VMM), then a reading per
+    VM from its blocks. Rebuilt when a VMM comes, goes or changes its fds."""
+
+    def __init__(self, vmms: list[_Vmm]) -> None:
+        self.fds: list[int] = []
+        self.sizes: list[int] = []
+        self.offsets: list[int] = []
+        self.shapes: list[Shape] = []
+        # per VM: identity, descriptors, where its VM stats are (or -1), its vCPU ids, a picker of their blocks
+        self.per_vm: list[tuple[VMIdentity, dict[str, StatDesc], int, tuple[int, ...],
+                                Callable[[list[StatBlock]], Any]]] = []
+        for vmm in vmms:
+            base = len(self.fds)
+            self.fds += vmm.fds
+            self.sizes += vmm.sizes
+            self.offsets += vmm.offsets
+            self.shapes += vmm.shapes
+            for identity, descs, vm_at, vcpu_ids, vcpu_at in vmm.per_vm:
+                if vm_at >= 0 or vcpu_ids:
+                    self.per_vm.append((identity, descs, base + vm_at if vm_at >= 0 else -1, vcpu_ids,
+                                        _picker([base + at for at in vcpu_at])))
 
 
 def _group_by_vm(kvm_fds: list[procfs.KvmFd]) -> tuple[list[int], dict[int, int]]:
@@ -154,6 +178,8 @@ class StatsfdSource(Source):
         self._vmms: dict[int, _Vmm] = {}
         self._others: dict[int, tuple[int, float]] = {}  # pid -> (start time, last scan) of non-VMMs
         self._young: set[int] = set()  # the non-VMMs among them that were younger than young_s when scanned
+        self._listed: set[str] = set()  # the names in /proc at the last sample
+        self._unsettled: set[int] = set()  # pids to look at again at the next sample (see _discover)
         self._rescans: list[tuple[float, int]] = []  # heap of (when, pid): a known pid's next rescan
         self._hinted: set[int] = set()
         self._poller = select.poll()  # every VMM's pidfd, registered once
@@ -161,6 +187,7 @@ class StatsfdSource(Source):
         self._denied: str = ""  # why borrowing failed, if it did
         self._self_pid = os.getpid()
         self._descs_cache: dict[frozenset[Shape], dict[str, StatDesc]] = {}
+        self._host_plan: _HostPlan | None = None  # None: rebuilt at the next read (a VMM came, went or changed)
         self.rejected_fds = 0  # borrowed fds that were not the stats fds their VMM listed, since the start
         self._static = self._usability = self._probe()  # what no later sample changes
 
@@ -198,26 +225,32 @@ class StatsfdSource(Source):
         return uptime - started < self.young_ticks or now - scanned >= self.rescan_s
 
     def _discover(self, now: float) -> None:
+        # /proc's names as strings, compared with the last listing's as sets: only what changed is turned into pids
         try:
-            live = set(procfs.pids(self.proc))
+            names = set(os.listdir(self.proc))
         except OSError as err:
             self.say("statsfd-proc", f"kvmfleet: cannot list {self.proc}: {err}")
             return
-        live.discard(self._self_pid)
-        if self.only_pids is not None:
-            live = {pid for pid in live if pid in self.only_pids}
+        appeared, vanished, self._listed = names - self._listed, self._listed - names, names
         others = self._others
-        for pid in others.keys() - live:
-            del others[pid]
+        for name in vanished:
+            if name.isdigit():
+                others.pop(int(name), None)
         uptime = procfs.uptime_ticks()
         self._young = {pid for pid in self._young if pid in others and uptime - others[pid][0] < self.young_ticks}
-        # set operations rather than a look at every pid: the pids not seen before, the hinted and young ones, and
-        # those whose rescan is due; each is then checked as before (heap entries may be stale)
-        due = (live - others.keys() - self._vmms.keys()) | (self._hinted & live) | self._young
+        # the pids not seen before (or neither a VMM nor noted since: see below), the hinted and young ones, and those
+        # whose rescan is due; each is then checked as before (heap entries may be stale)
+        due = {int(name) for name in appeared if name.isdigit()} | self._unsettled | self._hinted | self._young
         rescans = self._rescans
         while rescans and rescans[0][0] <= now:
             due.add(heapq.heappop(rescans)[1])
-        for pid in sorted(due & live):  # in pid order, as /proc lists them
+        due = {pid for pid in due if str(pid) in names}
+        due.discard(self._self_pid)
+        outside: set[int] = set()  # not in only_pids (yet: a caller may add to it), looked at again next time
+        if self.only_pids is not None:
+            outside = {pid for pid in due if pid not in self.only_pids}
+            due -= outside
+        for pid in sorted(due):  # in pid order, as /proc lists them
             vmm = self._vmms.get(pid)
             try:
                 if vmm is not None:
@@ -228,6 +261,9 @@ class StatsfdSource(Source):
             except Exception as err:  # one process's trouble, not the host's
                 self._drop_failed(pid, "scanning", err)
         self._hinted.clear()
+        # a pid looked at but neither taken as a VMM nor noted (it exited, or was reused, while being scanned; a VMM
+        # retired while its pid stays listed) is looked at again at the next sample
+        self._unsettled = {pid for pid in due if pid not in others and pid not in self._vmms} | outside
 
     def _scan_new(self, pid: int, now: float) -> None:
         started = procfs.start_time(pid, self.proc)
@@ -285,6 +321,7 @@ class StatsfdSource(Source):
             if target not in vmm.borrowed:
                 self._borrow_one(vmm, kfd, owner[target])
         vmm.replan(self._descs_for)
+        self._host_plan = None
 
     def _inode(self, pid: int, fd: int) -> int:
         try:
@@ -327,9 +364,12 @@ class StatsfdSource(Source):
         held = vmm.borrowed.pop(target)
         os.close(held.fd)
         vmm.replan(self._descs_for)
+        self._host_plan = None
 
     def _retire(self, pid: int) -> None:
         vmm = self._vmms.pop(pid)
+        self._host_plan = None
+        self._unsettled.add(pid)  # its pid may be reused before the next listing
         for target in list(vmm.borrowed):
             self._release(vmm, target)
         self._poller.unregister(vmm.pidfd)
@@ -353,12 +393,7 @@ class StatsfdSource(Source):
             return []
         self._reap_exited()
         self._discover(self._clock())
-        readings = []
-        for vmm in list(self._vmms.values()):
-            try:
-                readings.extend(self._read_vmm(vmm))
-            except Exception as err:  # one VMM's trouble, not the host's
-                self._drop_failed(vmm.pid, "reading", err)
+        readings = self._read_all()
         self._update_usability(readings)
         return readings
 
@@ -371,23 +406,44 @@ class StatsfdSource(Source):
             self._retire(pid)
         self._note_other(pid, 0, self._clock())  # looked at again after rescan_s, not at every sample
 
-    def _read_vmm(self, vmm: _Vmm) -> list[VMReading]:
-        """One pread per borrowed fd, by the plan; hot: runs for every fd of every sample. Every fd read in full
-        takes this path; any failure or short read takes :meth:`_read_vmm_checked`, which reads again fd by fd and
-        drops what failed."""
+    def _read_all(self) -> list[VMReading]:
+        """Every VM by the host plan, or VMM by VMM where that fails."""
+        plan = self._host_plan
+        if plan is None:
+            plan = self._host_plan = _HostPlan(list(self._vmms.values()))
         try:
-            data = list(map(os.pread, vmm.fds, vmm.sizes, vmm.offsets))
+            readings = self._read_planned(plan)
+        except Exception:  # whatever it was, the VMM by VMM path finds the VMM and says what
+            readings = None
+        return readings if readings is not None else self._read_each()
+
+    def _read_planned(self, plan: _HostPlan) -> list[VMReading] | None:
+        """One pread per borrowed fd, by the host plan; hot: runs for every fd of every sample. None if an fd
+        failed or returned less than its data block: :meth:`_read_each` then reads again VMM by VMM and fd by fd
+        and drops what failed."""
+        try:
+            data = list(map(os.pread, plan.fds, plan.sizes, plan.offsets))
         except OSError:
-            return self._read_vmm_checked(vmm)
-        if list(map(len, data)) != vmm.sizes:
-            return self._read_vmm_checked(vmm)
-        blocks = list(map(StatBlock, vmm.shapes, repeat(None), data))
-        return [VMReading(identity, self.name, blocks[vm_at] if vm_at >= 0 else {},
-                          dict(zip(vcpu_ids, pick_vcpus(blocks))), descs)
-                for identity, descs, vm_at, vcpu_ids, pick_vcpus in vmm.per_vm if vm_at >= 0 or vcpu_ids]
+            return None
+        if list(map(len, data)) != plan.sizes:
+            return None
+        blocks = list(map(StatBlock, plan.shapes, repeat(None), data))
+        name = self.name
+        return [VMReading(identity, name, blocks[vm_at] if vm_at >= 0 else {}, dict(zip(vcpu_ids, pick_vcpus(blocks))),
+                          descs)
+                for identity, descs, vm_at, vcpu_ids, pick_vcpus in plan.per_vm]
+
+    def _read_each(self) -> list[VMReading]:
+        readings = []
+        for vmm in list(self._vmms.values()):
+            try:
+                readings.extend(self._read_vmm_checked(vmm))
+            except Exception as err:  # one VMM's trouble, not the host's
+                self._drop_failed(vmm.pid, "reading", err)
+        return readings
 
     def _read_vmm_checked(self, vmm: _Vmm) -> list[VMReading]:
-        """:meth:`_read_vmm` fd by fd: an fd that fails or returns less than its data block is said and dropped."""
+        """One VMM fd by fd: an fd that fails or returns less than its data block is said and dropped."""
         per_vm = {vm_fd: VMReading(identity, self.name, descs=vmm.descs[vm_fd])
                   for vm_fd, identity in vmm.identities.items()}
         pread, from_data = os.pread, StatBlock.from_data
