@@ -63,6 +63,7 @@ class _Plan:
     types: tuple[str, ...]  # their collectd types
     get: Callable[[Any], tuple[int, ...]]  # picks their values (from the flat scalars, or a name -> value dict)
     hists: tuple[tuple[str, str], ...]  # kept histograms: (name, escaped "<name>_bucket_")
+    hist_parts: tuple[int, ...] = ()  # for stat blocks: which part holds each kept histogram (else looked up by name)
     template: str = ""  # "k1=%di,k2=%di,..." for the values in order
 
     def __post_init__(self) -> None:
@@ -137,22 +138,24 @@ class PointBuilder:
 
     def _block_plan(self, shapes: Sequence[Any]) -> _Plan:
         chosen: dict[str, tuple[int, StatDesc | None]] = {}
-        hists: dict[str, None] = {}
+        hists: dict[str, int] = {}  # name -> the part (shape) that holds it
         offset = 0
-        for shape in shapes:
+        for part, shape in enumerate(shapes):
             for i, name in enumerate(shape.scalar_names):
                 if name not in chosen and name not in hists and self.keeps(name):
                     chosen[name] = (offset + i, shape.descs.get(name))
             for name in shape.hists:
                 if name not in chosen and name not in hists and self.keeps(name):
-                    hists[name] = None
+                    hists[name] = part
             offset += len(shape.scalar_names)
         names = tuple(sorted(chosen))
+        kept = self._hist_keys(sorted(hists))
         return _Plan(
             names=names,
             types=tuple(collectd_type(chosen[n][1]) for n in names),
             get=_picker([chosen[n][0] for n in names]),
-            hists=self._hist_keys(sorted(hists)),
+            hists=kept,
+            hist_parts=tuple(hists[name] for name, _ in kept),
         )
 
     def _hist_keys(self, names: Sequence[str]) -> tuple[tuple[str, str], ...]:
@@ -213,8 +216,12 @@ class PointBuilder:
         body = plan.template % values
         if plan.hists:
             extra: list[str] = []
-            for name, prefix in plan.hists:
-                buckets = stats.get(name)
+            if plan.hist_parts:  # stat blocks: straight to the part that holds each histogram
+                parts: Sequence[Any] = stats.parts if isinstance(stats, MergedStats) else (stats,)
+                found = [parts[at].hist(name) for (name, _), at in zip(plan.hists, plan.hist_parts)]
+            else:
+                found = [stats.get(name) for name, _ in plan.hists]
+            for (_, prefix), buckets in zip(plan.hists, found):
                 if isinstance(buckets, tuple) and any(buckets):
                     keys = self._bucket_keys(prefix, len(buckets))
                     extra += [f"{k}{c}i" for k, c in zip(keys, buckets) if c]

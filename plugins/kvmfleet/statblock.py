@@ -41,6 +41,16 @@ class Shape:
             at = index + 1
         self.unpack_scalars = struct.Struct(fmt).unpack_from
         self.hists = {desc.name: (index, desc.size) for desc, index in placed if desc.type.is_histogram}
+        # each histogram's (first byte, end byte, unpacker, its buckets when all are zero) in the data block
+        self.hist_at = {name: (start * 8, (start + size) * 8, struct.Struct(f"={size}Q").unpack_from, (0,) * size)
+                        for name, (start, size) in self.hists.items()}
+        # the words from the first histogram to the end of the last (KVM places them side by side): a sum of blocks
+        # adds this span up once for all its histograms; (first byte, end byte, unpacker, zeros) and where each
+        # histogram is in it
+        low = min((start for start, _ in self.hists.values()), default=0)
+        high = max((start + size for start, size in self.hists.values()), default=0)
+        self.hist_span = (low * 8, high * 8, struct.Struct(f"={high - low}Q").unpack_from, (0,) * (high - low))
+        self.hist_in_span = {name: (start - low, start - low + size) for name, (start, size) in self.hists.items()}
         self.names = self.scalar_names + tuple(self.hists)
 
     @classmethod
@@ -61,13 +71,13 @@ class StatBlock(Mapping[str, Value]):
     sum of blocks, added up on first access. A block read from an fd keeps the raw bytes and
     unpacks them when first looked at: reading stays one pread per fd."""
 
-    __slots__ = ("_hist_cache", "_hist_from", "_scalars", "shape")
+    __slots__ = ("_hist_from", "_scalars", "_span_cache", "shape")
 
     def __init__(self, shape: Shape, scalars: Words | None, hist_from: HistSource = b"") -> None:
         self.shape = shape
         self._scalars = scalars
         self._hist_from = hist_from
-        self._hist_cache: dict[str, tuple[int, ...]] | None = None
+        self._span_cache: tuple[int, ...] | None = None
 
     @classmethod
     def from_data(cls, shape: Shape, data: bytes) -> StatBlock:
@@ -101,15 +111,26 @@ class StatBlock(Mapping[str, Value]):
     def _hist(self, name: str) -> tuple[int, ...]:
         source = self._hist_from
         if isinstance(source, bytes):
-            start, size = self.shape.hists[name]
-            return struct.unpack_from(f"={size}Q", source, start * 8)
-        if self._hist_cache is None:
-            self._hist_cache = {}
-        cached = self._hist_cache.get(name)
-        if cached is None:
-            parts = [part._hist(name) for part in source]
-            cached = self._hist_cache[name] = tuple(map(sum, zip(*parts)))
-        return cached
+            start, end, unpack, zeros = self.shape.hist_at[name]
+            # most histograms of most vCPUs are all zero (halt polling off, an idle guest): no ints made for them
+            return zeros if source.count(0, start, end) == end - start else unpack(source, start)
+        first, end = self.shape.hist_in_span[name]
+        return self._span()[first:end]
+
+    def _span(self) -> tuple[int, ...]:
+        """The histogram span (:attr:`Shape.hist_span`): unpacked from the data block, or the parts' spans added up
+        (once, on first access), the parts whose span is all zero left out."""
+        source = self._hist_from
+        start, end, unpack, zeros = self.shape.hist_span
+        if isinstance(source, bytes):
+            return zeros if source.count(0, start, end) == end - start else unpack(source, start)
+        span = self._span_cache
+        if span is None:
+            nonzero = [part for part in map(StatBlock._span, source) if part is not zeros] or [zeros]
+            span = self._span_cache = tuple(map(sum, zip(*nonzero))) if len(nonzero) > 1 else nonzero[0]
+        return span
+
+    hist = _hist  # a histogram's buckets by name (a KeyError if the shape has no such histogram)
 
     def __getitem__(self, name: str) -> Value:
         index = self.shape.scalar_index.get(name)
