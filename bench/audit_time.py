@@ -126,7 +126,8 @@ def main() -> int:
         if os.path.exists(exe):
             t0 = time.perf_counter()
             proc = subprocess.run([exe, "audit", "--url", server.url, "--database", f"kvm{largest}", "--window",
-                                   "1h", "--format", "json"], capture_output=True, timeout=1200)
+                                   "1h", "--stale-after", f"{args.minutes}m", "--format", "json"],
+                                  capture_output=True, timeout=1200)
             print(f"`kvmfleet audit --format json` as a command on {largest} hosts: "
                   f"{time.perf_counter() - t0:.3f}s wall (exit {proc.returncode}, interpreter start included)")
         print(f"{'hosts':>7} {'baseline s':>10} {'audit s':>8} {'ratio':>6} {'audit ms/host':>13}")
