@@ -81,6 +81,7 @@ class AnswerShapeError(ValueError):
 
 
 SCALARS = (str, int, float, bool, type(None))
+_SCALAR_TYPES = frozenset(SCALARS)  # what json.loads makes of scalars: exactly these types, never subclasses
 
 
 def parse_series(s: Any) -> Series:
@@ -98,8 +99,9 @@ def parse_series(s: Any) -> Series:
     if not isinstance(values, list) or not all(isinstance(row, list) for row in values):
         raise AnswerShapeError(f"the values of series {name!r} are not a list of rows")
     time_at = columns.index("time") if "time" in columns else None
+    width = len(columns)
     for row in values:
-        if len(row) != len(columns) or not all(isinstance(v, SCALARS) for v in row):
+        if len(row) != width or not _SCALAR_TYPES.issuperset(map(type, row)):
             raise AnswerShapeError(f"a row of series {name!r} does not hold one value per column")
         if time_at is not None and not _is_time(row[time_at]):
             raise AnswerShapeError(f"a time of series {name!r} is not a number of seconds")

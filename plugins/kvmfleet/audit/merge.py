@@ -23,8 +23,8 @@ SeriesKey = tuple[tuple[str, str], ...]
 
 
 def _row(series: Series) -> dict[str, Any] | None:
-    rows = series.rows()
-    return rows[0] if rows else None
+    """The first row of a series (the only one of a LIMIT 1 query) as a dict; None if it has none."""
+    return dict(zip(series.columns, series.values[0])) if series.values else None
 
 
 def first_last(statements: Statements) -> dict[SeriesKey, list[Any]]:

@@ -13,6 +13,11 @@ from ..schema import M_VM, OLD_NAMES
 
 def finite(value: Any) -> float | None:
     """A finite float, or None (null, strings, NaN, infinities)."""
+    kind = type(value)
+    if kind is float:  # what JSON numbers mostly are: the quick way (called for every value of every host)
+        return value if math.isfinite(value) else None
+    if kind is int:
+        return float(value)
     if value is None or isinstance(value, (bool, str)):
         return None
     try:
@@ -98,9 +103,10 @@ class HostData:
                 inc = self.increases.get(alias)
                 if inc is not None:
                     break
-        if inc is None or self.span_s is None:
+        span = self.span_s
+        if inc is None or span is None:
             return None
-        return max(0.0, inc) / self.span_s
+        return max(0.0, inc) / span
 
     def per_vcpu(self, value: float | None) -> float | None:
         return ratio(value, self.vcpus)

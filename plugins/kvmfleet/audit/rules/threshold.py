@@ -10,9 +10,11 @@ from the fleet-wide numbers. Each rule says only its numbers, gates, tests and t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from ...querypack import Rule
 from ..model import HostData, Outcome, VMData, ratio
 from .base import UNKNOWN_VCPUS, HostRule, fmt, ge, ge_or_unknown, known, level, total, vm_rows
 
@@ -49,6 +51,10 @@ class ThresholdRule(HostRule):
     gates: ClassVar[tuple[Need | Floor, ...]]
     tests: ClassVar[tuple[Test, ...]]
 
+    def __init__(self, rules: Mapping[str, Rule]) -> None:
+        super().__init__(rules)
+        self._checks_made: dict[tuple[str, bool], list[tuple[str, Any, Any]]] = {}
+
     def numbers(self, h: HostData) -> Numbers:
         raise NotImplementedError
 
@@ -66,14 +72,23 @@ class ThresholdRule(HostRule):
         return []
 
     def _holds(self, lvl: str, n: Numbers, screen: bool = False) -> bool:
-        th = self.rule.thresholds
-        return all((ge_or_unknown if t.unknown_passes else ge)(n[t.number], th[f"{lvl}_{t.suffix}"])
-                   for t in self.tests if t.screened or not screen)
+        return all(compare(n[number], limit) for number, compare, limit in self._checks(lvl, screen))
+
+    def _checks(self, lvl: str, screen: bool) -> list[tuple[str, Any, Any]]:
+        """(number, comparison, threshold) of each test of a level, made once per rule: the screen asks them of
+        every host of the fleet."""
+        checks = self._checks_made.get((lvl, screen))
+        if checks is None:
+            th = self.rule.thresholds
+            checks = self._checks_made[(lvl, screen)] = [
+                (t.number, ge_or_unknown if t.unknown_passes else ge, th[f"{lvl}_{t.suffix}"])
+                for t in self.tests if t.screened or not screen]
+        return checks
 
     def screen(self, h: HostData) -> bool:
         n = self.numbers(h)
-        floors = [g for g in self.gates if isinstance(g, Floor)]
-        return all(ge(n[f.number], self.rule.thresholds[f.threshold]) for f in floors) and self._holds(
+        th = self.rule.thresholds
+        return all(ge(n[g.number], th[g.threshold]) for g in self.gates if isinstance(g, Floor)) and self._holds(
             "warning", n, screen=True)
 
     def evaluate(self, h: HostData) -> Outcome:
