@@ -178,13 +178,14 @@ def stage_resets(a: Audit) -> None:
 
 def stage_screen(a: Audit) -> None:
     needs_vcpus = [u.id for u in a.units.all if u.needs_vcpus]
-    for name, h in sorted(a.hosts.items()):
+    hosts = sorted(a.hosts.items())  # once: every host rule screens the whole fleet
+    for name, h in hosts:
         if h.span_s is None and h.increases:
             a.skipped.append(Skipped(name, "*", "fewer than two samples in the window: no rates"))
         elif h.span_s is not None and h.vcpus is None:
             a.skipped += [Skipped(name, rid, UNKNOWN_VCPUS) for rid in needs_vcpus]
     for unit in a.units.host:
-        a.picked[unit.id] = [n for n, h in sorted(a.hosts.items()) if unit.screen(h)]
+        a.picked[unit.id] = [n for n, h in hosts if unit.screen(h)]
     for fleet_unit in a.units.fleet:
         a.picked[fleet_unit.id] = fleet_unit.pick(a.hosts)
     for u in a.units.all:

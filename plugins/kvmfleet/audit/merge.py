@@ -32,7 +32,8 @@ def first_last(statements: Statements) -> dict[SeriesKey, list[Any]]:
     pairs: dict[SeriesKey, list[Any]] = {}
     for idx, stmt in enumerate(statements[:2]):
         for s in stmt:
-            key = tuple(sorted(s.tags.items()))
+            tags = s.tags
+            key = tuple(tags.items()) if len(tags) == 1 else tuple(sorted(tags.items()))
             entry = pairs.setdefault(key, [None, None])
             entry[idx] = _row(s)
     return pairs
