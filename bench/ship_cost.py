@@ -298,7 +298,7 @@ def main() -> int:
           f"collectd Interval {args.interval:g} s, {args.samples} samples a run; {nlines} lines a sample")
     print(f"{'what':<58} {'CPU ms/sample':>14}")
     rows = [
-        ("library: Collector.sample() (source auto, this process), mean, Interval apart", lib_cpu * ms),
+        ("library: Collector.sample(), mean of samples Interval apart", lib_cpu * ms),
         ("  the same back to back (median; for information)", lib_hot * ms),
         ("collectd + plugin, default options: process CPU - idle", per_defaults * ms),
         (f"  of which the read thread (read_cpu_s; {defaults['dispatched']:.0f} values dispatched)",
