@@ -98,8 +98,10 @@ def main() -> int:
                 starts += 1
                 next_churn += args.churn
             time.sleep(max(0.0, min(next_churn, next_reading) - time.monotonic()))
-        samples = agent_points(server)
         expected = int(args.minutes * 60)
+        deadline = time.monotonic() + 10  # the last sample's point may still be on its way to InfluxDB
+        while (samples := agent_points(server)) < expected and time.monotonic() < deadline:
+            time.sleep(0.2)
         cd.stop()
     finally:
         if cd.proc is not None and cd.proc.poll() is None:
