@@ -250,25 +250,28 @@ def test_a_long_outage_keeps_the_file_within_about_twice_the_waiting_lines(tmp_p
 
 
 def test_a_server_slower_than_a_tick_does_not_make_the_file_come_and_go(tmp_path: Path) -> None:
-    """Lines wait more than a tick at every write: they are journaled, but the file is created once, appended to,
-    fsynced at the bounded rate, and removed only once nothing has waited for a while."""
+    """Lines wait more than two ticks at every write: they are journaled, but the file is created once, appended to,
+    fsynced at the bounded rate, and removed only once nothing has waited for a while. The exact looks are in
+    test_spool's scripted twin; here real threads: a write takes 2.5 ticks, so a line is there at two looks
+    whatever the phase of the journal's ticks, and the gaps between samples (at most 2.5 ticks with nothing
+    waiting) stay far below ``sync_every`` (8 ticks) even when the scheduler is late."""
     server = ServerStub("partial")
     slow_write = server.write
 
     def write(body_lines: list[str]) -> None:
-        time.sleep(1.8 * TICK)
+        time.sleep(2.5 * TICK)
         slow_write(body_lines)
 
     server.write = write  # type: ignore[method-assign]
-    sh = journaled_shipper(server, tmp_path / "s", linger=0.0)
+    sh = journaled_shipper(server, tmp_path / "s", linger=0.0, sync_every=8 * TICK)
     sh.start()
     t0 = time.monotonic()
-    for i in range(20):  # a sample every 3 ticks, each waiting 1.8 ticks for its answer
+    for i in range(20):  # a sample every 3 ticks, each waiting 2.5 ticks for its answer
         sh.submit([f"m v={i}i {i}"])
         time.sleep(3 * TICK)
     st = sh.stats()
     assert st["journaled"] >= 5 and st["spool_rewrites"] == 1, st
-    assert st["spool_syncs"] <= (time.monotonic() - t0) / (4 * TICK) + 1, st
+    assert st["spool_syncs"] <= (time.monotonic() - t0) / (8 * TICK) + 1, st
     assert sh.wait_idle(5)
     deadline = time.monotonic() + 3
     while (tmp_path / "s").exists() and time.monotonic() < deadline:

@@ -239,3 +239,58 @@ def test_a_rewrite_cut_by_a_crash_leaves_the_old_file_and_its_leftover_is_remove
     other.write_bytes(b"not ours to remove")
     assert Journal(str(spool), 100, NoSource()).load() == LINES
     assert not leftover.exists() and other.exists()
+
+
+class ScriptedSource:
+    """Lines numbered from 0 as they are submitted, delivered oldest first: what a shipper shows the journal."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.delivered = 0
+
+    def unsent_bounds(self) -> tuple[int, int]:
+        return self.delivered, len(self.lines)
+
+    def unsent_since(self, seq: int) -> tuple[int, int, list[tuple[int, list[str]]]]:
+        first = max(seq, self.delivered)
+        waiting = self.lines[first:]
+        return self.delivered, len(self.lines), [(first, waiting)] if waiting else []
+
+
+def test_a_server_slower_than_a_look_keeps_one_file_until_nothing_has_waited_for_sync_every(tmp_path: Path) -> None:
+    """Looks at t = 0, 1, 2, ...; a sample every 3 looks (at 3i + 0.5), delivered 1.8 later (3i + 2.3): each line
+    is there at two looks, so each is journaled, by appends to the one file the first one created; the file stays
+    across the gaps (two looks with nothing waiting, under ``sync_every`` = 4) and goes at the fourth look after the
+    first that found nothing waiting. The same samples answered within a look write nothing."""
+    spool = tmp_path / "s"
+    source = ScriptedSource()
+    journal = Journal(str(spool), 100, source, every=1.0, sync_every=4.0)
+    exists, synced = {}, []
+    for t in range(3 * 20 + 10):
+        syncs = journal.stats["spool_syncs"]
+        journal.tick(float(t))
+        exists[t] = spool.exists()
+        if journal.stats["spool_syncs"] > syncs:
+            synced.append(t)
+        i, phase = divmod(t, 3)
+        if phase == 0 and i < 20:
+            source.lines.append(f"m v={i}i {i}")  # at t + 0.5
+        elif phase == 2 and i < 20:
+            source.delivered = i + 1  # at t + 0.3
+    assert journal.stats["journaled"] == 20 and journal.stats["spool_rewrites"] == 1, journal.stats
+    # created at the first look that saw a line wait (t = 2); the last line is delivered at 59.3, the looks from
+    # t = 60 on see nothing waiting, and the fourth after that first one (t = 64) removes the file
+    assert [t for t, there in exists.items() if there] == list(range(2, 64)), exists
+    # fsynced 4 looks after the first write that follows the previous fsync (the ack at 3, the line at 8, then
+    # the line at 14, 20, ...): never twice within 4 looks, and the last write (the ack at 60) is on disk
+    assert synced == [7, 12, *range(18, 61, 6)], synced
+
+    quick = ScriptedSource()
+    journal = Journal(str(tmp_path / "q"), 100, quick, every=1.0, sync_every=4.0)
+    for t in range(3 * 20):
+        journal.tick(float(t))
+        i, phase = divmod(t, 3)
+        if phase == 0:
+            quick.lines.append(f"m v={i}i {i}")  # at t + 0.5, delivered at t + 0.9
+            quick.delivered = i + 1
+    assert journal.stats == Journal.no_stats() and not (tmp_path / "q").exists()

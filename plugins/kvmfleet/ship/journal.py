@@ -87,6 +87,7 @@ class Journal:
         self._has_file = False
         self._dirty_since: float | None = None  # written, not yet fsynced, since
         self._idle_since: float | None = None  # nothing waiting since
+        self._now = 0.0  # the current look's clock: one clock for every decision of a look
         self._appends: deque[tuple[int, int]] = deque()  # (next line number after it, file size after it)
         self._say: dict[str, float] = {}
         self.counts = self.no_stats()
@@ -209,6 +210,7 @@ class Journal:
 
     def tick(self, now: float) -> None:
         """One look (see the module doc): journal the lines that waited a whole tick, ack, compact, fsync."""
+        self._now = now
         lo, hi = self._source.unsent_bounds()
         waited, self._mark = lo < self._mark, hi
         idle = lo >= self._next and not waited  # nothing in the file is waiting, nothing new waits
@@ -256,7 +258,7 @@ class Journal:
             self._next = hi
             self._appends.append((hi, self._file.size))
         if self._dirty_since is None:
-            self._dirty_since = time.monotonic()
+            self._dirty_since = self._now
 
     def _dead_bytes(self, lo: int) -> int:
         """Bytes at the start of the file whose lines are all delivered."""
