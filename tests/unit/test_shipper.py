@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
+from tests.support.waiting import wait_for
 
 from kvmfleet.ship.buffer import LineBuffer
 from kvmfleet.ship.shipper import Shipper
@@ -216,8 +217,8 @@ def test_a_spool_loaded_at_start_is_kept_until_delivered(tmp_path: Path) -> None
     sh = journaled_shipper(server, spool)
     sh.start()
     sh.submit(["m v=100i 100"])
-    time.sleep(6 * TICK)
-    assert set(load_spool(spool)) == {*old, "m v=100i 100"}  # rewritten with this run's numbers, nothing lost
+    wait_for("the spool rewritten with this run's numbers, nothing lost", lambda: set(load_spool(spool)), 5,
+             every=TICK / 2, until=lambda lines: lines == {*old, "m v=100i 100"})
     server.mode = "partial"
     assert sh.wait_idle(5)
     deadline = time.monotonic() + 2
@@ -299,8 +300,8 @@ def test_lines_submitted_before_the_start_and_the_loaded_spool_are_both_kept(tmp
     sh = journaled_shipper(server, spool)
     sh.submit(["early v=3i 3"])
     sh.start()
-    time.sleep(6 * TICK)
-    assert sorted(load_spool(spool)) == ["early v=3i 3", "old v=1i 1", "old v=2i 2"]
+    wait_for("the loaded and the early lines in the spool", lambda: sorted(load_spool(spool)), 5, every=TICK / 2,
+             until=lambda lines: lines == ["early v=3i 3", "old v=1i 1", "old v=2i 2"])
     server.mode = "partial"
     assert sh.wait_idle(5)
     deadline = time.monotonic() + 3
