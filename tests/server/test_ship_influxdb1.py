@@ -141,7 +141,8 @@ def test_blackhole_submit_never_blocks_and_memory_is_bounded(
         time.sleep(0.01)
     st = wait_for("a write timed out in the blackhole", sh.stats, 10, every=0.02,
                   until=lambda st: st["retries"] >= 1 and "timed out" in (st["last_error"] or ""))
-    assert max(durations) < 0.005, f"slowest submit {max(durations) * 1000:.2f} ms"
+    # a submit that waited on the write would take its 0.5 s timeout; what a submit costs is bench/ship_cost.py's
+    assert max(durations) < 0.1, f"slowest submit {max(durations) * 1000:.2f} ms"
     assert st["sent"] == 0 and st["retries"] >= 1 and "timed out" in st["last_error"], st
     assert st["buffered"] <= 2000 + 500  # capacity + one in-flight batch
     assert st["dropped"] > 0 and st["dropped"] >= st["submitted"] - 2500
