@@ -146,17 +146,17 @@ def test_lines_for_series() -> None:
     ]
 
 
-def test_hot_path_is_fast() -> None:
-    """200 VMs x 40 integer fields with pre-encoded prefixes: well under the 10 s interval (here < 0.25 s)."""
+def test_the_hot_path_encodes_200_vms_of_40_fields() -> None:
+    """200 VMs x 40 integer fields with pre-encoded prefixes, as a sample encodes them (what it costs is
+    bench/ship_cost.py's figure, not a timed test's)."""
     names = [f"counter_{i}" for i in range(40)]
     prefixes = [series_prefix("kvm_vm", {"host": "hv01", "vm": f"instance-{i:04d}"}) for i in range(200)]
     values = [{n: 1_000_000 + i * 7 + j for j, n in enumerate(names)} for i in range(200)]
     ts = time.time_ns()
-    t0 = time.perf_counter()
     out = [line(p, encode_int_fields(v), ts) for p, v in zip(prefixes, values)]
-    elapsed = time.perf_counter() - t0
-    assert len(out) == 200 and out[0].startswith("kvm_vm,host=hv01,vm=instance-0000 counter_0=1000000i,")
-    assert elapsed < 0.25, elapsed
+    assert len(out) == 200
+    fields = ",".join(f"{n}={1_000_000 + 199 * 7 + int(n[8:])}i" for n in sorted(names))  # sorted by name
+    assert out[199] == f"kvm_vm,host=hv01,vm=instance-0199 {fields} {ts}"
 
 
 def test_int_fields_template_fills_to_the_encoders_bytes() -> None:
