@@ -87,7 +87,6 @@ class Journal:
         self._has_file = False
         self._dirty_since: float | None = None  # written, not yet fsynced, since
         self._idle_since: float | None = None  # nothing waiting since
-        self._now = 0.0  # the current look's clock: one clock for every decision of a look
         self._appends: deque[tuple[int, int]] = deque()  # (next line number after it, file size after it)
         self._say: dict[str, float] = {}
         self.counts = self.no_stats()
@@ -210,7 +209,6 @@ class Journal:
 
     def tick(self, now: float) -> None:
         """One look (see the module doc): journal the lines that waited a whole tick, ack, compact, fsync."""
-        self._now = now
         lo, hi = self._source.unsent_bounds()
         waited, self._mark = lo < self._mark, hi
         idle = lo >= self._next and not waited  # nothing in the file is waiting, nothing new waits
@@ -219,22 +217,22 @@ class Journal:
             self._remove()  # after a while: a server slower than a tick would make it come and go
         self._next = max(self._next, lo)
         if waited and (hi > self._next or self._rewrite_first):
-            self._journal()
+            self._journal(now)
         elif self._file.is_open and lo > self._acked:
-            self._append(ack_record(lo), lo)
+            self._append(now, ack_record(lo), lo)
         if self._dirty_since is not None and now - self._dirty_since >= self.sync_every:
             self._file.sync()
             self._dirty_since = None
             self.counts["spool_syncs"] += 1
 
-    def _journal(self) -> None:
+    def _journal(self, now: float) -> None:
         lo, hi, chunks = self._source.unsent_since(self._next)
         if self._rewrite_first or not self._file.is_open or self._dead_bytes(lo) * 2 > max(self._file.size,
                                                                                     2 * COMPACT_MIN_BYTES):
             self._rewrite()
             return
         data = b"".join(encode_chunks(chunks)) + ack_record(lo)
-        self._append(data, lo, hi)
+        self._append(now, data, lo, hi)
         self.counts["journaled"] += sum(len(lines) for _, lines in chunks)
 
     def _rewrite(self) -> None:
@@ -247,7 +245,7 @@ class Journal:
         self._appends = deque([(hi, self._file.size)])
         self._dirty_since = None  # rewrite fsyncs
 
-    def _append(self, data: bytes, lo: int, hi: int | None = None) -> None:
+    def _append(self, now: float, data: bytes, lo: int, hi: int | None = None) -> None:
         try:
             self._file.append(data)
         except FileNotFoundError:
@@ -258,7 +256,7 @@ class Journal:
             self._next = hi
             self._appends.append((hi, self._file.size))
         if self._dirty_since is None:
-            self._dirty_since = self._now
+            self._dirty_since = now  # the look's clock, as every other decision of the look
 
     def _dead_bytes(self, lo: int) -> int:
         """Bytes at the start of the file whose lines are all delivered."""
