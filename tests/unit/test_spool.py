@@ -47,12 +47,20 @@ def journal_file(path: Path, lines: list[str], ack: int | None = None) -> bytes:
     return path.read_bytes()
 
 
-class NoSource:
+class ScriptedSource:
+    """Lines numbered from 0 as they are submitted, delivered oldest first: what a shipper shows the journal."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.delivered = 0
+
     def unsent_bounds(self) -> tuple[int, int]:
-        return 0, 0
+        return self.delivered, len(self.lines)
 
     def unsent_since(self, seq: int) -> tuple[int, int, list[tuple[int, list[str]]]]:
-        return 0, 0, []
+        first = max(seq, self.delivered)
+        waiting = self.lines[first:]
+        return self.delivered, len(self.lines), [(first, waiting)] if waiting else []
 
 
 def test_round_trip_mode_and_dir(tmp_path: Path) -> None:
@@ -149,7 +157,7 @@ def test_not_a_spool_is_moved_aside_unread(tmp_path: Path, caplog: pytest.LogCap
     with pytest.raises(NotASpool):
         read_spool(spool)
     with caplog.at_level(logging.ERROR):
-        assert Journal(str(spool), 100, NoSource()).load() == []
+        assert Journal(str(spool), 100, ScriptedSource()).load() == []
     assert not spool.exists() and [p.read_bytes() for p in tmp_path.glob("s.bad-*")] == [b"\x00\x01binary"]
     assert "is not a kvmfleet spool" in caplog.text
 
@@ -163,7 +171,7 @@ def test_a_planted_symlink_is_not_followed(tmp_path: Path, caplog: pytest.LogCap
     with pytest.raises(privfile.PrivateFileError, match="symbolic link"):
         read_spool(spool)
     with caplog.at_level(logging.ERROR):
-        assert Journal(str(spool), 100, NoSource()).load() == []
+        assert Journal(str(spool), 100, ScriptedSource()).load() == []
     assert not os.path.lexists(spool) and load_spool(target) == ["forged x=1i 1"]  # the link moved, not followed
     assert [p.is_symlink() for p in spool.parent.glob("ship.spool.bad-*")] == [True]
     assert "cannot be trusted" in caplog.text and "symbolic link" in caplog.text
@@ -175,7 +183,7 @@ def test_a_file_of_another_user_is_not_read(tmp_path: Path) -> None:
     os.chown(spool, 4321, 4321)
     with pytest.raises(privfile.PrivateFileError, match="belongs to uid 4321"):
         read_spool(spool)
-    assert Journal(str(spool), 100, NoSource()).load() == []
+    assert Journal(str(spool), 100, ScriptedSource()).load() == []
     assert not spool.exists() and len(list(tmp_path.glob("s.bad-*"))) == 1
 
 
@@ -193,7 +201,7 @@ def test_a_directory_other_users_can_write_turns_the_spool_off(tmp_path: Path, c
         read_spool(spool)
     with pytest.raises(privfile.PrivateFileError):
         SpoolFile(spool).rewrite([(0, ["m x=2i 2"])])
-    journal = Journal(str(spool), 100, NoSource())
+    journal = Journal(str(spool), 100, ScriptedSource())
     with caplog.at_level(logging.ERROR):
         assert journal.load() == []
     assert "the spool is off" in caplog.text and journal.finish([(0, ["m x=3i 3"])], 1) == 0
@@ -237,24 +245,8 @@ def test_a_rewrite_cut_by_a_crash_leaves_the_old_file_and_its_leftover_is_remove
     leftover.write_bytes(HEADER + line_record(0, "half x=1i 1")[:10])
     other = tmp_path / ".other.tmp-1"
     other.write_bytes(b"not ours to remove")
-    assert Journal(str(spool), 100, NoSource()).load() == LINES
+    assert Journal(str(spool), 100, ScriptedSource()).load() == LINES
     assert not leftover.exists() and other.exists()
-
-
-class ScriptedSource:
-    """Lines numbered from 0 as they are submitted, delivered oldest first: what a shipper shows the journal."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.delivered = 0
-
-    def unsent_bounds(self) -> tuple[int, int]:
-        return self.delivered, len(self.lines)
-
-    def unsent_since(self, seq: int) -> tuple[int, int, list[tuple[int, list[str]]]]:
-        first = max(seq, self.delivered)
-        waiting = self.lines[first:]
-        return self.delivered, len(self.lines), [(first, waiting)] if waiting else []
 
 
 def test_a_server_slower_than_a_look_keeps_one_file_until_nothing_has_waited_for_sync_every(tmp_path: Path) -> None:
